@@ -1,0 +1,71 @@
+"""LARS (SGD + apex LARC, clip=False) without host syncs, and the official warmup + cosine schedule."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum wrapped by LARC as facebookresearch/swav uses it (REFERENCE section 5).
+
+    Per parameter with ||p|| != 0 and ||g|| != 0:  local = trust * ||p|| / (||g|| + wd ||p|| + eps),
+    g <- (g + wd p) * local; otherwise g is left as it is (no weight decay either). Then buf <- m buf + g,
+    p <- p - lr buf. apex decides the zero case with a Python `if` on two norms (two host syncs per
+    parameter); here it is a torch.where over all norms at once, so the step never waits for the device.
+    Momentum buffers start at zero, which gives the same first update as torch.optim.SGD (buf = g).
+    Parameters whose grad is None are skipped entirely, as SGD does.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 0.001, eps: float = 1e-8):
+        if lr < 0 or momentum < 0 or weight_decay < 0 or trust_coefficient <= 0:
+            raise ValueError(f"LARS: invalid lr {lr}, momentum {momentum}, wd {weight_decay} or trust "
+                             f"{trust_coefficient}")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
+                        eps=eps)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ARG002 - the Optimizer signature
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            wd, trust, eps = group["weight_decay"], group["trust_coefficient"], group["eps"]
+
+            p_norm = torch.stack(torch._foreach_norm(params))
+            g_norm = torch.stack(torch._foreach_norm(grads))
+            ok = (p_norm > 0) & (g_norm > 0)
+            local = torch.where(ok, trust * p_norm / (g_norm + wd * p_norm + eps), torch.ones_like(p_norm))
+            decay = torch.where(ok, wd * local, torch.zeros_like(p_norm))
+            # update = g * local + p * (wd * local)  (both factors are 1 and 0 in the zero-norm case)
+            update = torch._foreach_mul(grads, list(local.unbind()))
+            torch._foreach_add_(update, torch._foreach_mul(params, list(decay.unbind())))
+
+            bufs = []
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                bufs.append(state["momentum_buffer"])
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, update)
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+
+
+def lr_schedule(base_lr: float, final_lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: int = 0,
+                start_warmup: float = 0.0) -> np.ndarray:
+    """Learning rate of every iteration, exactly as main_swav.py builds it.
+
+    Linear warmup start_warmup -> base_lr over warmup_epochs (np.linspace, so its last value is base_lr),
+    then final_lr + (base_lr - final_lr)/2 (1 + cos(pi t / T)) for t = 0 .. T-1, T = the remaining iterations.
+    """
+    warmup = np.linspace(start_warmup, base_lr, steps_per_epoch * warmup_epochs)
+    n_cos = steps_per_epoch * (epochs - warmup_epochs)
+    t = np.arange(n_cos)
+    cosine = final_lr + 0.5 * (base_lr - final_lr) * (1 + np.cos(math.pi * t / n_cos))
+    return np.concatenate((warmup, cosine))
