@@ -164,7 +164,10 @@ class ReferenceLoader:
     def __iter__(self) -> Iterator[MultiCropBatch]:
         loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
                             num_workers=self.workers, collate_fn=collate, pin_memory=self.device.type == "cuda",
-                            persistent_workers=False)
+                            persistent_workers=False,
+                            # its own generator: DataLoader otherwise draws a base seed from the global RNG,
+                            # which would make training depend on the loader (our views are seeded per sample)
+                            generator=torch.Generator().manual_seed(self.dataset.seed))
         for step, batch in enumerate(loader):
             if step >= self.steps:
                 break

@@ -72,7 +72,7 @@ class Config:
     sync_bn: bool = _f(True, "SyncBatchNorm on CUDA with more than one rank (plain BN on CPU)")
     sync_bn_group_size: int = _f(0, "ranks per SyncBN group (0: all ranks; the bs4096 recipe uses 8)")
     precision: str = _f("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", choices=("auto", "bf16", "fp32"))
-    channels_last: bool = _f(True, "channels_last memory format on CUDA")
+    channels_last: bool = _f(True, "channels_last memory format on CUDA (on CPU it is slower, so not used there)")
     sinkhorn_impl: str = _f("reference", "Sinkhorn implementation", choices=("reference",))
     # ----- run -----
     run_dir: str = _f("runs/swav", "directory for checkpoints, metrics, config and the exported trunk")

@@ -1,0 +1,276 @@
+"""Tests for tools/knn_eval.py: the kNN vote on hand-built cases, few-label banks, trunk loading, features."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+
+from tools.knn_eval import (
+    eval_transform,
+    extract_features,
+    few_label_bank,
+    few_label_knn,
+    knn_predict,
+    load_trunk,
+    main,
+)
+
+
+def unit(*degrees: float) -> torch.Tensor:
+    """2-D unit vectors at the given angles: cosine similarity between them is cos(angle difference)."""
+    rad = torch.tensor(degrees, dtype=torch.float64) * math.pi / 180
+    return torch.stack([rad.cos(), rad.sin()], dim=1).float()
+
+
+# Three tight clusters: class 0 around 0 degrees, class 1 around 90, class 2 around 180.
+CLUSTER_FEATS = unit(-3, 0, 3, 87, 90, 93, 177, 180, 183)
+CLUSTER_LABELS = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+
+
+def test_knn_clusters_hand_built():
+    queries = unit(5, 80, 100, 170, 200, -10)
+    preds = knn_predict(CLUSTER_FEATS, CLUSTER_LABELS, queries, k=3)
+    assert preds.tolist() == [0, 1, 1, 2, 2, 0]
+    assert preds.dtype == torch.int64
+
+
+def test_knn_weighting_beats_plain_majority():
+    # Query at 0 degrees: one class-0 neighbour at similarity 1.0, two class-1 neighbours at cos(40) = 0.77.
+    # Weighted (T=0.07): exp(1/0.07) is 28x exp(0.77/0.07), so the single close neighbour outvotes the pair.
+    # With a huge temperature every weight is ~1 and the vote is a plain majority: class 1.
+    bank = unit(0, 40, -40)
+    labels = torch.tensor([0, 1, 1])
+    query = unit(0)
+    assert knn_predict(bank, labels, query, k=3, temperature=0.07).tolist() == [0]
+    assert knn_predict(bank, labels, query, k=3, temperature=100.0).tolist() == [1]
+    # k=1 is plain nearest neighbour.
+    assert knn_predict(bank, labels, unit(35), k=1).tolist() == [1]
+
+
+def test_knn_small_temperature_does_not_overflow():
+    # exp(1/0.005) overflows float32; without care both classes get an infinite vote and argmax picks class 0.
+    bank = unit(0, 25)
+    labels = torch.tensor([1, 0])
+    assert knn_predict(bank, labels, unit(2), k=2, temperature=0.005).tolist() == [1]
+
+
+def test_knn_k_clipped_to_bank_and_chunking():
+    queries = unit(5, 80, 100, 170, 200, -10)
+    expected = knn_predict(CLUSTER_FEATS, CLUSTER_LABELS, queries, k=len(CLUSTER_FEATS))
+    assert knn_predict(CLUSTER_FEATS, CLUSTER_LABELS, queries, k=1000).tolist() == expected.tolist()
+    # A three-point bank with k=50: all three vote, the weights still decide.
+    assert knn_predict(unit(0, 40, -40), torch.tensor([0, 1, 1]), unit(0), k=50).tolist() == [0]
+
+    gen = torch.Generator().manual_seed(0)
+    bank, query = torch.randn(200, 16, generator=gen), torch.randn(50, 16, generator=gen)
+    bank_labels = torch.randint(0, 5, (200,), generator=gen)
+    whole = knn_predict(bank, bank_labels, query, k=7, chunk=1024)
+    assert knn_predict(bank, bank_labels, query, k=7, chunk=3).tolist() == whole.tolist()
+
+
+def test_knn_uses_cosine_not_dot_product():
+    # Class 0 points straight at the query but is short; class 1 is 60 degrees off but long. By cosine the
+    # answer is class 0; a raw dot product (0.1 vs 5.0) would say class 1.
+    bank = torch.cat([0.1 * unit(0), 10.0 * unit(60)])
+    assert knn_predict(bank, torch.tensor([0, 1]), 3.0 * unit(0), k=2).tolist() == [0]
+    scaled = CLUSTER_FEATS * torch.linspace(0.1, 10, len(CLUSTER_FEATS))[:, None]
+    assert knn_predict(scaled, CLUSTER_LABELS, unit(5, 80, 170), k=3).tolist() == [0, 1, 2]
+
+
+def test_knn_rejects_empty_bank():
+    with pytest.raises(ValueError, match="empty"):
+        knn_predict(torch.empty(0, 2), torch.empty(0, dtype=torch.long), unit(0))
+
+
+def test_few_label_bank_exactly_per_class():
+    labels = np.array([0] * 10 + [1] * 7 + [2] * 20 + [3] * 5)
+    bank = few_label_bank(labels, per_class=5, rng=np.random.default_rng(0))
+    assert len(bank) == len(set(bank.tolist())) == 20
+    assert np.bincount(labels[bank]).tolist() == [5, 5, 5, 5]
+
+    again = few_label_bank(labels, per_class=5, rng=np.random.default_rng(0))
+    other = few_label_bank(labels, per_class=5, rng=np.random.default_rng(1))
+    assert again.tolist() == bank.tolist()
+    assert other.tolist() != bank.tolist()
+
+    with pytest.raises(ValueError, match="class 3 has only 5"):
+        few_label_bank(labels, per_class=6, rng=np.random.default_rng(0))
+
+
+def _noisy_clusters(n_per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.randn(4, 8, generator=gen)
+    labels = torch.arange(4).repeat_interleave(n_per_class)
+    feats = centers[labels] + 0.9 * torch.randn(len(labels), 8, generator=gen)
+    return F.normalize(feats, dim=1), labels
+
+
+def test_few_label_knn_deterministic_and_matches_manual_draws():
+    train_feats, train_labels = _noisy_clusters(30, seed=0)
+    test_feats, test_labels = _noisy_clusters(25, seed=1)
+    args = (train_feats, train_labels, test_feats, test_labels)
+
+    first = few_label_knn(*args, per_class=3, draws=4, k=5, seed=7)
+    assert few_label_knn(*args, per_class=3, draws=4, k=5, seed=7) == first
+
+    # Same figures by hand: successive banks from one seeded generator, accuracy on the whole test set.
+    rng = np.random.default_rng(7)
+    accs = []
+    for _ in range(4):
+        bank = torch.from_numpy(few_label_bank(train_labels.numpy(), 3, rng))
+        preds = knn_predict(train_feats[bank], train_labels[bank], test_feats, k=5)
+        accs.append(100.0 * (preds == test_labels).float().mean().item())
+    assert first[0] == pytest.approx(np.mean(accs))
+    assert first[1] == pytest.approx(np.std(accs, ddof=1))
+    assert first[1] > 0  # noisy clusters: the draws really differ
+
+    assert few_label_knn(*args, per_class=3, draws=1, k=5)[1] == 0.0
+
+
+def test_few_label_knn_separable_is_perfect():
+    queries = unit(5, 80, 100, 170, 200, -10)
+    query_labels = torch.tensor([0, 1, 1, 2, 2, 0])
+    assert few_label_knn(CLUSTER_FEATS, CLUSTER_LABELS, queries, query_labels, per_class=1, draws=3) == (
+        100.0,
+        0.0,
+    )
+
+
+def test_load_trunk_state_dict_without_fc(tmp_path: Path):
+    torch.manual_seed(123)
+    source = torchvision.models.resnet18()
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
+    path = tmp_path / "trunk_resnet18.pth"
+    torch.save(state, path)
+
+    model = load_trunk(str(path), "resnet18")
+    assert isinstance(model.fc, torch.nn.Identity)
+    assert not model.training
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+
+
+def test_load_trunk_with_fc_and_random_init_seeded(tmp_path: Path):
+    path = tmp_path / "full.pth"
+    torch.save(
+        torchvision.models.resnet18(num_classes=10).state_dict(), path
+    )  # a head of another size is fine
+    load_trunk(str(path), "resnet18")
+
+    a, b = load_trunk(None, "resnet18", seed=0), load_trunk(None, "resnet18", seed=0)
+    c = load_trunk(None, "resnet18", seed=1)
+    assert torch.equal(a.conv1.weight, b.conv1.weight)
+    assert not torch.equal(a.conv1.weight, c.conv1.weight)
+
+
+def test_load_trunk_wrong_keys_raise_naming_the_file(tmp_path: Path):
+    state = torchvision.models.resnet18().state_dict()
+    state["layer9.weight"] = state.pop("layer1.0.conv1.weight")
+    path = tmp_path / "x.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError) as info:
+        load_trunk(str(path), "resnet18")
+    message = str(info.value)
+    assert str(path) in message
+    assert "missing layer1.0.conv1.weight" in message
+    assert "unexpected layer9.weight" in message
+
+    checkpoint = tmp_path / "ckpt.pth"
+    torch.save({"model": torchvision.models.resnet18().state_dict(), "epoch": 3}, checkpoint)
+    with pytest.raises(ValueError, match="ckpt.pth"):
+        load_trunk(str(checkpoint), "resnet18")
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        load_trunk(str(tmp_path / "nope.pth"), "resnet18")
+
+
+def make_folder(root: Path, counts: dict[str, int], seed: int = 0, size: tuple[int, int] = (40, 30)) -> Path:
+    rng = np.random.default_rng(seed)
+    for name, n in counts.items():
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.jpg", quality=90)
+    return root
+
+
+def test_extract_features_normalised_rows_and_labels(tmp_path: Path):
+    folder = make_folder(tmp_path / "imgs", {"a": 3, "b": 2})
+    model = load_trunk(None, "resnet18")
+    feats, labels = extract_features(model, folder, size=32, batch_size=2)
+
+    assert feats.dtype == torch.float32 and feats.shape == (5, 512)
+    assert labels.dtype == torch.int64 and labels.tolist() == [0, 0, 0, 1, 1]
+    assert torch.allclose(feats.norm(dim=1), torch.ones(5), atol=1e-5)
+
+    # The first row is the model's output for the first file under the evaluation transform.
+    transform = eval_transform(32)
+    with torch.no_grad():
+        expected = model(transform(Image.open(folder / "a" / "0.jpg").convert("RGB"))[None])
+    assert torch.allclose(feats[0], F.normalize(expected, dim=1)[0], atol=1e-5)
+
+
+def test_eval_transform_is_the_standard_centre_crop():
+    transform = eval_transform(32)
+    steps = [type(t).__name__ for t in transform.transforms]
+    assert steps == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
+    assert transform.transforms[0].size == 37  # round(32 * 256 / 224): the shorter side
+    assert tuple(transform.transforms[3].mean) == (0.485, 0.456, 0.406)
+    assert tuple(transform.transforms[3].std) == (0.228, 0.224, 0.225)
+
+    # A 60x40 image, black but for a white left edge: resized to 55x37 and centre-cropped to 32x32, only
+    # columns 12+ survive, so the crop is uniformly black; without the crop the left edge would be white.
+    image = np.zeros((40, 60, 3), dtype=np.uint8)
+    image[:, :8] = 255
+    out = transform(Image.fromarray(image))
+    assert out.shape == (3, 32, 32)
+    black = (0 - 0.485) / 0.228
+    assert torch.allclose(out[0], torch.full((32, 32), black), atol=1e-4)
+
+
+def test_extract_features_missing_or_empty_folder(tmp_path: Path):
+    model = load_trunk(None, "resnet18")
+    with pytest.raises(FileNotFoundError, match="does_not_exist"):
+        extract_features(model, tmp_path / "does_not_exist", size=32)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty"):
+        extract_features(model, tmp_path / "empty", size=32)
+
+
+def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    train = make_folder(tmp_path / "train", {"a": 4, "b": 4}, seed=0)
+    val = make_folder(tmp_path / "val", {"a": 2, "b": 2}, seed=1)
+    trunk = tmp_path / "trunk_resnet18.pth"
+    torch.save({k: v for k, v in torchvision.models.resnet18().state_dict().items() if k[:3] != "fc."}, trunk)
+    out = tmp_path / "knn.json"
+
+    argv = ["--trunk", str(trunk), "--arch", "resnet18", "--train", str(train), "--val", str(val)]
+    argv += ["--size", "32", "--few-labels", "2", "--draws", "3", "--baseline", str(trunk)]
+    argv += ["--compare-random-init", "--json", str(out)]
+    assert main(argv) == 0
+
+    printed = capsys.readouterr().out
+    for name in ("trained", "baseline", "random init"):
+        assert f"kNN top-1 {name}: " in printed
+    assert "2-label: " in printed
+    figures = json.loads(out.read_text())
+    assert set(figures["results"]) == {"trained", "baseline", "random init"}
+    assert figures["results"]["trained"] == figures["results"]["baseline"]  # same file, same figures
+    assert figures["settings"]["n_train"] == 8 and figures["settings"]["n_val"] == 4
+    assert 0.0 <= figures["results"]["random init"]["top1"] <= 100.0
+
+
+def test_cli_bad_trunk_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    train = make_folder(tmp_path / "train", {"a": 1})
+    bad = tmp_path / "bad.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, bad)
+    assert main(["--trunk", str(bad), "--train", str(train), "--val", str(train), "--size", "32"]) == 1
+    assert str(bad) in capsys.readouterr().err

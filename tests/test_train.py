@@ -1,0 +1,145 @@
+"""End to end: train.py on tiny real data, single process and under torchrun, resume, export, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+import train
+from swav_fast import checkpoint as ckpt
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "--arch", "resnet18", "--nmb_crops", "2", "2", "--size_crops", "32", "16", "--min_scale_crops", "0.3", "0.1",
+    "--max_scale_crops", "1", "0.3", "--hidden_mlp", "32", "--feat_dim", "16", "--nmb_prototypes", "10",
+    "--batch_size", "8", "--epochs", "2", "--warmup_epochs", "1", "--base_lr", "0.6", "--final_lr", "0.0006",
+    "--max_steps_per_epoch", "4", "--queue_length", "16", "--epoch_queue_starts", "0",
+    "--freeze_prototypes_niters", "3", "--workers", "0", "--log_every", "1", "--device", "cpu",
+]
+
+
+def run(data: Path, run_dir: Path, *extra: str) -> int:
+    return train.main([*TINY, "--data_path", str(data), "--run_dir", str(run_dir), *extra])
+
+
+def step_losses(run_dir: Path, epoch: int) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r.get("epoch") == epoch and "event" not in r]
+
+
+def test_two_epochs_then_resume_gives_the_same_losses(digits_dir, tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert run(digits_dir, full) == 0
+    assert run(digits_dir, split, "--stop_after_epoch", "1") == 0
+    assert not (split / "trunk_resnet18.pth").exists()  # not finished yet
+    state = ckpt.load(split / ckpt.CHECKPOINT_NAME)
+    assert state["epoch"] == 1 and state["iteration"] == 4
+    assert state["queue"]["n_pushed"] == 4 and state["queue"]["buffers"][0].abs().sum() > 0
+    # resume with nothing but the run directory: the saved config is the base
+    assert train.main(["--run_dir", str(split), "--resume", "auto"]) == 0
+
+    epoch1, epoch2 = step_losses(full, 0), step_losses(full, 1)
+    assert len(epoch1) == 4 and len(epoch2) == 4
+    assert all(torch.isfinite(torch.tensor(epoch1 + epoch2)))
+    assert step_losses(split, 0) == epoch1
+    assert step_losses(split, 1) == epoch2  # bit-equal on CPU: same batches, views, model, optimiser, queue
+    a = torch.load(full / "trunk_resnet18.pth")
+    b = torch.load(split / "trunk_resnet18.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_exported_trunk_loads_into_torchvision(digits_dir, tmp_path):
+    assert run(digits_dir, tmp_path / "r", "--epochs", "1", "--warmup_epochs", "0") == 0
+    state = torch.load(tmp_path / "r" / "trunk_resnet18.pth", weights_only=True)
+    missing, unexpected = torchvision.models.resnet18().load_state_dict(state, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+    init = torch.load(tmp_path / "r" / "trunk_init_resnet18.pth", weights_only=True)
+    assert not torch.equal(init["layer1.0.conv1.weight"], state["layer1.0.conv1.weight"])  # it trained
+    config = (tmp_path / "r" / "config.toml").read_text()
+    assert 'arch = "resnet18"' in config and "nmb_prototypes = 10" in config
+    assert json.loads((tmp_path / "r" / "run_info.json").read_text())["git_revision"]
+
+
+def test_freeze_window_leaves_prototypes_untouched(digits_dir, tmp_path):
+    run_dir = tmp_path / "r"
+    assert run(digits_dir, run_dir, "--epochs", "2", "--stop_after_epoch", "1", "--freeze_prototypes_niters", "4") == 0
+    model = ckpt.load(run_dir / ckpt.CHECKPOINT_NAME)["model"]
+    torch.manual_seed(31)  # the run's seed: rebuild its initial prototypes
+    from swav_fast.model import SwAVModel
+
+    init = SwAVModel("resnet18", 32, 16, 10)
+    init.normalize_prototypes()
+    # only the per-step normalisation touched them (frozen for all 4 steps of epoch 1)
+    assert torch.allclose(model["prototypes.weight"], init.prototypes.weight, atol=1e-6)
+    assert not torch.allclose(model["projection_head.3.weight"], init.projection_head[3].weight)
+
+
+def test_torchrun_two_ranks_on_cpu(digits_dir, tmp_path):
+    run_dir = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *TINY, "--batch_size", "4", "--data_path", str(digits_dir), "--run_dir", str(run_dir)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "plain BatchNorm" in proc.stderr  # the CPU note about SyncBN
+    state = ckpt.load(run_dir / ckpt.CHECKPOINT_NAME)
+    assert state["world_size"] == 2 and len(state["queue"]["buffers"]) == 2
+    # each rank keeps its own queue of its own shard's embeddings
+    assert not torch.equal(state["queue"]["buffers"][0], state["queue"]["buffers"][1])
+    assert (run_dir / "trunk_resnet18.pth").is_file()
+    assert len(step_losses(run_dir, 1)) == 4
+
+
+def test_existing_run_is_not_overwritten(digits_dir, tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    assert run(digits_dir, run_dir, "--epochs", "2", "--stop_after_epoch", "1") == 0
+    before = (run_dir / ckpt.CHECKPOINT_NAME).read_bytes()
+    assert run(digits_dir, run_dir) == 2
+    assert "--resume auto" in capsys.readouterr().err
+    assert (run_dir / ckpt.CHECKPOINT_NAME).read_bytes() == before
+
+
+@pytest.mark.parametrize("what", ["missing", "empty"])
+def test_bad_data_directory_fails_clearly(tmp_path, capsys, what):
+    data = tmp_path / "data"
+    if what == "empty":
+        data.mkdir()
+    assert run(data, tmp_path / "r") == 2
+    err = capsys.readouterr().err
+    assert str(data) in err and ("does not exist" in err or "no class sub-folders" in err)
+    assert not (tmp_path / "r" / ckpt.CHECKPOINT_NAME).exists()
+
+
+def test_bad_config_value_fails_before_any_work(digits_dir, tmp_path, capsys):
+    assert run(digits_dir, tmp_path / "r", "--crops_for_assign", "0", "7") == 2
+    err = capsys.readouterr().err
+    assert "--crops_for_assign" in err and "out of range" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_corrupt_image_is_counted_in_metrics(digits_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(digits_dir, data)
+    victim = sorted((data / "7").iterdir())[0]
+    victim.write_bytes(b"not a jpeg at all")
+    with pytest.warns(UserWarning, match=victim.name):
+        assert run(data, tmp_path / "r", "--epochs", "1", "--warmup_epochs", "0", "--batch_size", "25",
+                   "--queue_length", "0") == 0
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["event"] == "epoch" and rows[-1]["skipped_images"] == 1
+    assert victim.read_bytes() == b"not a jpeg at all"
+
+
+def test_resume_from_a_corrupt_checkpoint_names_it(digits_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"\x00" * 100)
+    assert run(digits_dir, tmp_path / "r", "--resume", str(bad)) == 2
+    assert str(bad) in capsys.readouterr().err

@@ -1,0 +1,368 @@
+"""Weighted kNN evaluation of frozen trunk features (the protocol of DINO, Caron et al. 2021).
+
+Features are the trunk's pooled output, L2-normalised; a query's k nearest training images by cosine
+similarity each vote for their class with weight exp(similarity / T), and the class with the largest summed
+vote wins. Reported twice: with every training label as the bank, and with only a few labels per class
+(mean and std over seeded draws of the labelled bank).
+
+Usage::
+
+    python tools/knn_eval.py --trunk RUN/trunk_resnet18.pth --arch resnet18 \\
+        --train data/demo/digits/train --val data/demo/digits/val --size 32 --compare-random-init
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+from torch import nn
+from torchvision import transforms
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.228, 0.224, 0.225)
+
+
+def load_trunk(path: str | None, arch: str, seed: int = 0) -> nn.Module:
+    """Torchvision ``arch`` with the weights in ``path`` (or seeded random init) and ``fc`` set to Identity.
+
+    ``path`` is a plain state_dict file. Only ``fc.*`` keys may be absent; anything else missing or extra
+    means the file is not a trunk of this architecture, and a ValueError says so instead of silently
+    evaluating a half-random network.
+    """
+    torch.manual_seed(seed)
+    try:
+        model = torchvision.models.get_model(arch, weights=None)
+    except ValueError as exc:
+        raise ValueError(f"--arch {arch!r} is not a torchvision model name ({exc})") from exc
+
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"trunk file {file} does not exist; export one with train.py")
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"{file} could not be read as a torch state_dict file: {exc}") from exc
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            keys = ", ".join(list(state)[:5]) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(
+                f"{file} is not a plain state_dict of tensors (found: {keys}); "
+                "it may be a full training checkpoint. Export the trunk with train.py"
+            )
+        # The classifier head is discarded below, so its weights (any shape, or none) do not matter.
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        expected = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+        problems = [f"missing {k}" for k in expected if k not in state]
+        problems += [f"unexpected {k}" for k in state if k not in expected]
+        problems += [
+            f"{k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}"
+            for k, v in state.items()
+            if k in expected and v.shape != expected[k].shape
+        ]
+        if problems:
+            shown = ", ".join(problems[:4]) + (
+                f", ... ({len(problems)} problems)" if len(problems) > 4 else ""
+            )
+            raise ValueError(
+                f"{file} does not look like a torchvision {arch} trunk: {shown}. Export one with train.py"
+            )
+        model.load_state_dict(state, strict=False)
+
+    model.fc = nn.Identity()
+    return model.eval()
+
+
+def eval_transform(size: int) -> transforms.Compose:
+    """The standard evaluation view: resize to size*256/224, centre crop ``size``, ImageNet normalisation."""
+    return transforms.Compose(
+        [
+            transforms.Resize(round(size * 256 / 224)),
+            transforms.CenterCrop(size),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        ]
+    )
+
+
+def image_folder(folder: str | Path, size: int) -> torchvision.datasets.ImageFolder:
+    """``ImageFolder(folder)`` with the evaluation transform, and errors that say which folder is wrong."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"image folder {folder} does not exist; build the demo data with tools/make_demo_data.py"
+        )
+    try:
+        return torchvision.datasets.ImageFolder(str(folder), transform=eval_transform(size))
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"{folder} holds no images in the ImageFolder layout (<folder>/<class>/<image>.jpg): {exc}"
+        ) from exc
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    folder: str | Path,
+    size: int,
+    batch_size: int = 256,
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of every image in an ImageFolder: (float32 [N, D] L2-normalised rows, int64 [N] labels)."""
+    dataset = image_folder(folder, size)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=torch.device(device).type == "cuda",
+    )
+    model = model.to(device).eval()
+    feats, labels = [], []
+    for images, targets in track(loader, description=f"features {Path(folder).name}", transient=True):
+        out = model(images.to(device, non_blocking=True))
+        feats.append(F.normalize(out.float().flatten(1), dim=1).cpu())
+        labels.append(targets)
+    return torch.cat(feats), torch.cat(labels).long()
+
+
+def knn_predict(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    n_classes: int | None = None,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Weighted kNN class predictions (int64 [N_test]) for ``test_feats`` against the bank ``train_feats``.
+
+    Rows are L2-normalised here as well, so the similarity is the cosine whatever the caller passes.
+    ``k`` is clipped to the bank size. Ties in the vote go to the lowest class index.
+    """
+    if len(train_feats) == 0:
+        raise ValueError("knn_predict: the training bank is empty")
+    if k < 1:
+        raise ValueError(f"knn_predict: k={k} must be at least 1")
+    if temperature <= 0:
+        raise ValueError(f"knn_predict: temperature={temperature} must be positive")
+    k = min(k, len(train_feats))
+    n_classes = int(train_labels.max()) + 1 if n_classes is None else n_classes
+    bank = F.normalize(train_feats.float(), dim=1)
+    bank_labels = train_labels.long().to(bank.device)
+
+    preds = []
+    # Chunks bound the [chunk, N_train] similarity matrix; for ImageNet-sized banks the full one is too big.
+    for start in range(0, len(test_feats), chunk):
+        queries = F.normalize(test_feats[start : start + chunk].float().to(bank.device), dim=1)
+        sims, idx = (queries @ bank.T).topk(k, dim=1)
+        # Shifting by the row maximum leaves the vote unchanged but keeps exp() finite for small temperatures.
+        weights = ((sims - sims[:, :1]) / temperature).exp()
+        votes = torch.zeros(len(queries), n_classes, dtype=weights.dtype, device=bank.device)
+        votes.scatter_add_(1, bank_labels[idx], weights)
+        preds.append(votes.argmax(dim=1))
+    if not preds:
+        return torch.empty(0, dtype=torch.long)
+    return torch.cat(preds).cpu()
+
+
+def few_label_bank(labels: torch.Tensor | np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of exactly ``per_class`` randomly chosen samples of every class present in ``labels``."""
+    labels = np.asarray(labels)
+    chosen = []
+    for cls in np.unique(labels):
+        idx = np.flatnonzero(labels == cls)
+        if len(idx) < per_class:
+            raise ValueError(
+                f"class {cls} has only {len(idx)} training images, fewer than per_class={per_class}"
+            )
+        chosen.append(rng.choice(idx, size=per_class, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def few_label_knn(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+    per_class: int = 5,
+    draws: int = 10,
+    k: int = 20,
+    temperature: float = 0.07,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """kNN top-1 (percent) with only ``per_class`` labelled images per class: (mean, std) over ``draws``.
+
+    The std is the sample standard deviation across draws (0.0 for a single draw).
+    """
+    if draws < 1:
+        raise ValueError(f"few_label_knn: draws={draws} must be at least 1")
+    rng = np.random.default_rng(seed)
+    n_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    accs = []
+    for _ in range(draws):
+        bank = torch.from_numpy(few_label_bank(train_labels.cpu().numpy(), per_class, rng))
+        preds = knn_predict(train_feats[bank], train_labels[bank], test_feats, k, temperature, n_classes)
+        accs.append(accuracy(preds, test_labels))
+    std = float(np.std(accs, ddof=1)) if draws > 1 else 0.0
+    return float(np.mean(accs)), std
+
+
+def accuracy(preds: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy in percent."""
+    return 100.0 * (preds.cpu() == labels.cpu()).float().mean().item()
+
+
+def folder_classes(folder: str | Path) -> list[str]:
+    """The class names ImageFolder would find in ``folder`` (sorted subfolder names)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"image folder {folder} does not exist; build the demo data with tools/make_demo_data.py"
+        )
+    return sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Weighted kNN top-1 of frozen trunk features.")
+    parser.add_argument("--trunk", required=True, help="trunk state_dict exported by train.py")
+    parser.add_argument("--arch", default="resnet18", help="torchvision architecture (default resnet18)")
+    parser.add_argument("--train", required=True, type=Path, help="ImageFolder with the labelled bank")
+    parser.add_argument("--val", required=True, type=Path, help="ImageFolder with the images to classify")
+    parser.add_argument(
+        "--size", type=int, default=224, help="centre-crop size fed to the trunk (default 224)"
+    )
+    parser.add_argument("--k", type=int, default=20, help="neighbours that vote (default 20)")
+    parser.add_argument(
+        "--temperature", type=float, default=0.07, help="vote weight exp(sim/T) (default 0.07)"
+    )
+    parser.add_argument("--few-labels", type=int, default=5, help="labels per class, few-label eval; 0 skips")
+    parser.add_argument(
+        "--draws", type=int, default=10, help="random few-label banks to average (default 10)"
+    )
+    parser.add_argument("--baseline", help="also evaluate this trunk state_dict (row 'baseline')")
+    parser.add_argument(
+        "--compare-random-init", action="store_true", help="also evaluate the arch at random init (seed 0)"
+    )
+    parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    args = parser.parse_args(argv)
+    for name in ("k", "draws", "batch_size", "size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.few_labels < 0:
+        parser.error(f"--few-labels {args.few_labels}: must be 0 (skip) or more")
+    if args.temperature <= 0:
+        parser.error(f"--temperature {args.temperature}: must be positive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    console = Console()
+    if not console.is_terminal:
+        # Logs and CI capture: a fixed, wider width keeps the table's long column titles on one line.
+        console = Console(width=120)
+
+    try:
+        train_classes, val_classes = folder_classes(args.train), folder_classes(args.val)
+        if train_classes != val_classes:
+            # ImageFolder numbers classes by sorted folder name, so differing sets would shift every label.
+            raise ValueError(
+                f"--train {args.train} and --val {args.val} have different class folders "
+                f"({len(train_classes)} vs {len(val_classes)}); they must match for the labels to line up"
+            )
+        trunks: list[tuple[str, str | None]] = [("trained", args.trunk)]
+        if args.baseline:
+            trunks.append(("baseline", args.baseline))
+        if args.compare_random_init:
+            trunks.append(("random init", None))
+        # Load every trunk before the slow feature passes, so a bad --baseline fails in seconds.
+        models = [(name, path, load_trunk(path, args.arch, seed=0)) for name, path in trunks]
+
+        results = {}
+        for name, path, model in models:
+            train_feats, train_labels = extract_features(
+                model, args.train, args.size, args.batch_size, args.workers, device
+            )
+            val_feats, val_labels = extract_features(
+                model, args.val, args.size, args.batch_size, args.workers, device
+            )
+            preds = knn_predict(
+                train_feats, train_labels, val_feats, args.k, args.temperature, len(train_classes)
+            )
+            row = {"trunk": path, "top1": accuracy(preds, val_labels)}
+            if args.few_labels:
+                mean, std = few_label_knn(
+                    train_feats,
+                    train_labels,
+                    val_feats,
+                    val_labels,
+                    per_class=args.few_labels,
+                    draws=args.draws,
+                    k=args.k,
+                    temperature=args.temperature,
+                )
+                row.update(few_label_mean=mean, few_label_std=std)
+            results[name] = row
+            n_train, n_val = len(train_labels), len(val_labels)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"knn_eval: error: {exc}", file=sys.stderr)
+        return 1
+
+    table = Table(title=f"kNN on {args.arch} features: {n_train} train / {n_val} val images, {args.size}px")
+    table.add_column("trunk")
+    table.add_column(f"kNN top-1 (all {n_train} labels)", justify="right")
+    if args.few_labels:
+        table.add_column(
+            f"kNN top-1 ({args.few_labels} labels/class, mean ± std over {args.draws} draws)", justify="right"
+        )
+    for name, row in results.items():
+        cells = [name, f"{row['top1']:.2f}%"]
+        if args.few_labels:
+            cells.append(f"{row['few_label_mean']:.2f} ± {row['few_label_std']:.2f}%")
+        table.add_row(*cells)
+    console.print(table)
+    # Plain lines as well, so logs can be grepped without parsing a table.
+    for name, row in results.items():
+        line = f"kNN top-1 {name}: {row['top1']:.2f}%"
+        if args.few_labels:
+            line += f" | {args.few_labels}-label: {row['few_label_mean']:.2f} ± {row['few_label_std']:.2f}%"
+        print(line)
+
+    if args.json:
+        settings = {
+            "arch": args.arch,
+            "train": str(args.train),
+            "val": str(args.val),
+            "size": args.size,
+            "k": args.k,
+            "temperature": args.temperature,
+            "few_labels": args.few_labels,
+            "draws": args.draws,
+            "n_train": n_train,
+            "n_val": n_val,
+            "n_classes": len(train_classes),
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"settings": settings, "results": results}, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
