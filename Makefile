@@ -13,7 +13,8 @@ demo: env
 	rm -rf $(DEMO_RUN)
 	$(PY) train.py --preset demo_cpu --data_path $(DEMO_DATA)/digits/train --run_dir $(DEMO_RUN)
 	$(PY) tools/knn_eval.py --trunk $(DEMO_RUN)/trunk_resnet18.pth --arch resnet18 \
-		--train $(DEMO_DATA)/digits/train --val $(DEMO_DATA)/digits/val --size 32 --compare-random-init
+		--train $(DEMO_DATA)/digits/train --val $(DEMO_DATA)/digits/val --size 32 \
+		--baseline $(DEMO_RUN)/trunk_init_resnet18.pth --baseline-name 'random init' --json $(DEMO_RUN)/knn.json
 
 test: env
 	$(PY) -m pytest -q

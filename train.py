@@ -185,7 +185,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     global_batch = cfg.batch_size * info.world_size
     last_epoch = cfg.stop_after_epoch or cfg.epochs
-    skipped_total = 0
     with progress:
         for epoch in range(start_epoch, last_epoch):
             loader.set_epoch(epoch)
@@ -197,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             model.train()
             loss_sum = torch.zeros((), device=info.device)
             t_epoch = t_log = time.perf_counter()
-            n_log = 0
+            n_log = skipped = 0
             for step, batch in enumerate(loader):
                 lr = float(lrs[iteration])
                 crops = batch.crops if channels_last else [c.contiguous() for c in batch.crops]
@@ -205,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                 loss_sum += loss
                 iteration += 1
                 n_log += 1
-                skipped_total += len(batch.skipped)
+                skipped += len(batch.skipped)
                 if (step + 1) % cfg.log_every == 0 or step + 1 == steps_per_epoch:
                     loss_value = loss.item()  # host sync point: once every log_every steps
                     now = time.perf_counter()
@@ -228,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
 
             # checkpoint: every rank takes part in the gathers; rank 0 writes
             queue_state, rng_states = gather_queue(queue, info), gather_rng(info)
+            if info.world_size > 1:  # unreadable images replaced this epoch, all ranks
+                n = torch.tensor(skipped, device=info.device)
+                dist.all_reduce(n)
+                skipped = int(n.item())
             if info.is_main:
                 ckpt.save_atomic({
                     "format": ckpt.FORMAT, "epoch": epoch + 1, "iteration": iteration,
@@ -237,11 +240,13 @@ def main(argv: list[str] | None = None) -> int:
                 metrics.write(json.dumps({"event": "epoch", "epoch": epoch, "loss": mean_loss, "ln_k": ln_k,
                                           "epoch_time_s": round(epoch_time, 2), "iteration": iteration,
                                           "queue_in_use": bool(queue is not None and queue.in_use),
-                                          "skipped_images": skipped_total}) + "\n")
+                                          "skipped_images": skipped}) + "\n")
                 metrics.flush()
             log(f"epoch {epoch + 1}/{cfg.epochs}: mean loss {mean_loss:.4f} (ln K = {ln_k:.3f}), "
                 f"{epoch_time:.1f} s, {steps_per_epoch * global_batch / epoch_time:.0f} samples/s"
-                + (", queue in use" if queue is not None and queue.in_use else ""), highlight=False)
+                + (", queue in use" if queue is not None and queue.in_use else "")
+                + (f", [yellow]{skipped} unreadable image(s) replaced (see the warnings)[/]" if skipped else ""),
+                highlight=False)
 
     # ============================== export ==============================
     if info.is_main:
@@ -254,8 +259,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log(f"stopped after epoch {last_epoch} as asked; continue with: python train.py --run_dir {run_dir} "
                 "--resume auto", highlight=False)
-    if skipped_total:
-        log(f"[yellow]{skipped_total} unreadable image(s) were skipped; see the warnings above[/]")
     shutdown()
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 import math
 import tomllib
 import types
@@ -201,8 +202,9 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         if cfg.queue_length < global_batch:
             raise bad("queue_length", f"is shorter than the global batch {global_batch} "
                       f"(batch_size {cfg.batch_size} x {world_size} ranks); use 0 (no queue) or >= {global_batch}")
-    if cfg.sync_bn_group_size > 0 and world_size % cfg.sync_bn_group_size != 0:
-        raise bad("sync_bn_group_size", f"must divide the number of ranks ({world_size})")
+    if world_size > 1 and cfg.sync_bn_group_size > 0 and world_size % cfg.sync_bn_group_size != 0:
+        raise bad("sync_bn_group_size", f"must divide the number of ranks ({world_size}); "
+                  "0 synchronises BatchNorm over all ranks")
     if cfg.stop_after_epoch > cfg.epochs:
         raise bad("stop_after_epoch", f"is past --epochs ({cfg.epochs})")
     return cfg
@@ -284,7 +286,7 @@ def to_toml(cfg: Config) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
         if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            return json.dumps(v)  # JSON string escapes are valid TOML basic-string escapes
         if isinstance(v, list):
             return "[" + ", ".join(fmt(x) for x in v) + "]"
         return repr(v)

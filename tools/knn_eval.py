@@ -251,7 +251,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--draws", type=int, default=10, help="random few-label banks to average (default 10)"
     )
-    parser.add_argument("--baseline", help="also evaluate this trunk state_dict (row 'baseline')")
+    parser.add_argument("--baseline", help="also evaluate this trunk state_dict (row named by --baseline-name)")
+    parser.add_argument("--baseline-name", default="baseline",
+                        help="row name for --baseline, e.g. 'random init' for a run's trunk_init_<arch>.pth")
     parser.add_argument(
         "--compare-random-init", action="store_true", help="also evaluate the arch at random init (seed 0)"
     )
@@ -288,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         trunks: list[tuple[str, str | None]] = [("trained", args.trunk)]
         if args.baseline:
-            trunks.append(("baseline", args.baseline))
+            trunks.append((args.baseline_name, args.baseline))
         if args.compare_random_init:
             trunks.append(("random init", None))
         # Load every trunk before the slow feature passes, so a bad --baseline fails in seconds.
