@@ -216,9 +216,11 @@ def main(argv: list[str] | None = None) -> int:
                         metrics.write(json.dumps({"epoch": epoch, "iteration": iteration, "loss": loss_value,
                                                   "lr": lr, "samples_per_s": round(sps, 2)}) + "\n")
                         metrics.flush()
-                    if not console.is_terminal:
+                    if not console.is_terminal:  # logs and CI: plain lines instead of the live bar
+                        eta = (now - t_epoch) / (step + 1) * (steps_per_epoch * (last_epoch - epoch) - step - 1)
                         log(f"epoch {epoch + 1} step {step + 1}/{steps_per_epoch} loss {loss_value:.4f} "
-                            f"(ln K {ln_k:.3f}) lr {lr:.4g} {sps:.0f} samples/s", highlight=False)
+                            f"(ln K {ln_k:.3f}) lr {lr:.4g} {sps:.0f} samples/s, ETA {eta / 60:.1f} min",
+                            highlight=False)
                 else:
                     progress.update(task, completed=step + 1)
             progress.remove_task(task)

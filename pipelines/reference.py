@@ -41,7 +41,8 @@ def scan_image_folder(root: str | Path) -> tuple[list[tuple[str, int]], list[str
     root = Path(root)
     if not root.exists():
         raise DataError(f"data directory '{root}' does not exist: pass --data_path pointing to an ImageFolder "
-                        "root (one sub-folder of JPEGs per class)")
+                        "root (one sub-folder of JPEGs per class); the demo data is built by "
+                        "`python tools/make_demo_data.py --out data/demo`")
     if not root.is_dir():
         raise DataError(f"data path '{root}' is a file, not a directory: pass the ImageFolder root")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))

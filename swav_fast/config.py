@@ -188,8 +188,8 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
                  "warmup_epochs", "max_steps_per_epoch", "stop_after_epoch", "sync_bn_group_size"):
         if getattr(cfg, name) < 0:
             raise bad(name, "must be >= 0")
-    if cfg.warmup_epochs >= cfg.epochs and cfg.warmup_epochs > 0:
-        raise bad("warmup_epochs", f"must be smaller than --epochs ({cfg.epochs})")
+    if cfg.warmup_epochs > cfg.epochs:
+        raise bad("warmup_epochs", f"is longer than the run (--epochs {cfg.epochs})")
     for name in ("base_lr", "final_lr", "start_warmup", "wd", "lars_trust", "momentum", "blur_prob",
                  "color_jitter_strength"):
         v = getattr(cfg, name)

@@ -139,7 +139,7 @@ def test_unknown_preset_names_closest():
     (["--base_lr", "nan"], 1, "base_lr"),
     (["--wd", "inf"], 1, "wd"),
     (["--blur_prob", "1.5"], 1, "blur_prob"),
-    (["--warmup_epochs", "10", "--epochs", "10"], 1, "warmup_epochs"),
+    (["--warmup_epochs", "11", "--epochs", "10"], 1, "warmup_epochs"),
     (["--freeze_prototypes_niters=-1"], 1, "freeze_prototypes_niters"),
     (["--sync_bn_group_size", "3"], 4, "sync_bn_group_size"),
     (["--stop_after_epoch", "20", "--epochs", "10", "--warmup_epochs", "0"], 1, "stop_after_epoch"),
