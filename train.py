@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import signal
 import subprocess
 import sys
 import time
@@ -25,8 +26,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import pipelines
 from pipelines.spec import MultiCropSpec
 from swav_fast import checkpoint as ckpt
+from swav_fast import guards
 from swav_fast.config import ConfigError, parse_config, to_toml, trimmed_queue_length
 from swav_fast.distributed import DistInfo, init_distributed, shutdown, world_size_from_env
+from swav_fast.guards import CollapseMonitor
 from swav_fast.model import SwAVModel
 from swav_fast.optim import LARS, lr_schedule
 from swav_fast.queue import EmbeddingQueue
@@ -74,20 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     info = init_distributed(cfg.device)
     log = console.print if info.is_main else (lambda *a, **k: None)
     run_dir = Path(cfg.run_dir)
-    ckpt_path = run_dir / ckpt.CHECKPOINT_NAME
-    if cfg.resume == "auto":
-        resume_from = ckpt_path if ckpt_path.is_file() else None
-    elif cfg.resume:
-        resume_from = Path(cfg.resume)
-        if not resume_from.is_file():
-            log(f"[bold red]error:[/] --resume {cfg.resume}: no such checkpoint file")
-            return 2
-    else:
-        resume_from = None
-        if ckpt_path.is_file():
-            log(f"[bold red]error:[/] {ckpt_path} already exists: pass --resume auto to continue that run, "
-                "or choose another --run_dir", highlight=False)
-            return 2
+    if cfg.resume not in ("", "auto") and not Path(cfg.resume).is_file():
+        log(f"[bold red]error:[/] --resume {cfg.resume}: no such checkpoint file", highlight=False)
+        return 2
+    fresh = cfg.resume in ("", "auto") and not ckpt.list_checkpoints(run_dir)
+    if not cfg.resume and not fresh:
+        log(f"[bold red]error:[/] {run_dir} already holds checkpoints of a run: pass --resume auto to continue it, "
+            "or choose another --run_dir", highlight=False)
+        return 2
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(cfg))
@@ -133,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     channels_last = cfg.channels_last and on_cuda
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if resume_from is None and info.is_main:
+    if fresh and info.is_main:
         # the exact starting point, for "before vs after" evaluations (tools/knn_eval.py --baseline)
         ckpt.export_trunk(model.state_dict(), run_dir / f"trunk_init_{cfg.arch}.pth")
     core = model
@@ -149,19 +146,27 @@ def main(argv: list[str] | None = None) -> int:
         log(f"queue_length {cfg.queue_length} trimmed to {queue_total}, a multiple of the global batch")
 
     # ============================== resume ==============================
-    start_epoch, iteration, queue = 0, 0, None
-    if resume_from is not None:
-        try:
-            state = ckpt.load(resume_from, info.device)
-        except ckpt.CheckpointError as e:
-            log(f"[bold red]resume error:[/] {e}", highlight=False)
-            return 2
+    start_epoch, start_step, iteration, queue, epoch_loss_sum = 0, 0, 0, None, 0.0
+    state = None
+    try:
+        if cfg.resume == "auto":
+            found = ckpt.load_latest(run_dir, info.device, warn=lambda m: log(f"[yellow]{m}[/]", highlight=False))
+            resume_from, state = found if found else (None, None)
+        elif cfg.resume:
+            resume_from, state = Path(cfg.resume), ckpt.load(cfg.resume, info.device)
+    except ckpt.CheckpointError as e:
+        log(f"[bold red]resume error:[/] {e}", highlight=False)
+        return 2
+    if state is not None:
         core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start_epoch, iteration = state["epoch"], state["iteration"]
+        start_epoch, start_step, iteration = state["epoch"], state["step_in_epoch"], state["iteration"]
+        epoch_loss_sum = state["epoch_loss_sum"]
+        if start_step >= steps_per_epoch:  # the epoch length changed (data, ranks or batch): start the next one
+            start_epoch, start_step, epoch_loss_sum = start_epoch + 1, 0, 0.0
         if state["rng"] and len(state["rng"]) == info.world_size:
             ckpt.set_rng_state(state["rng"][info.rank])
-        saved_q = state.get("queue")
+        saved_q = state["queue"]
         if saved_q is not None:
             if len(saved_q["buffers"]) == info.world_size:
                 b = saved_q["buffers"][info.rank]
@@ -170,13 +175,47 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 log(f"note: the checkpoint's queue was saved by {len(saved_q['buffers'])} ranks, this run has "
                     f"{info.world_size}; starting with an empty queue (it refills in a few hundred steps)")
-        log(f"resumed from {resume_from}: epoch {start_epoch}, iteration {iteration}", highlight=False)
+        log(f"resumed from {resume_from}: epoch {start_epoch + 1}, step {start_step}, iteration {iteration}",
+            highlight=False)
         if start_epoch >= cfg.epochs:
             log(f"the run in {run_dir} has finished all {cfg.epochs} epochs; nothing to train")
+        del state
+
+    # SLURM preemption (--signal=USR1@90) and torchrun shutdown (SIGTERM): finish the step, checkpoint, leave.
+    stop_signal: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+
+    def save(epoch: int, step_in_epoch: int) -> Path | None:
+        """Every rank takes part in the gathers; rank 0 writes."""
+        queue_state, rng_states = gather_queue(queue, info), gather_rng(info)
+        if not info.is_main:
+            return None
+        return ckpt.save_checkpoint({
+            "format": ckpt.FORMAT, "epoch": epoch, "step_in_epoch": step_in_epoch, "iteration": iteration,
+            "epoch_loss_sum": epoch_loss_sum, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
+            "queue": queue_state, "rng": rng_states, "config": dataclasses.asdict(cfg),
+            "world_size": info.world_size,
+        }, run_dir, cfg.keep_checkpoints)
+
+    def agree(*flags: bool) -> list[bool]:
+        """Decisions every rank must take together (signals and clocks differ between ranks)."""
+        if info.world_size == 1:
+            return list(flags)
+        t = torch.tensor([float(f) for f in flags], device=info.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
 
     # ============================== training ==============================
     metrics = open(run_dir / "metrics.jsonl", "a") if info.is_main else None
+
+    def write_metrics(row: dict) -> None:
+        if metrics:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+
     ln_k = math.log(cfg.nmb_prototypes)
+    collapse = CollapseMonitor(ln_k, cfg.collapse_margin, cfg.collapse_window, cfg.freeze_prototypes_niters)
     progress = Progress(
         TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]} (ln K {task.fields[lnk]:.3f})"), TextColumn("lr {task.fields[lr]}"),
@@ -185,75 +224,118 @@ def main(argv: list[str] | None = None) -> int:
     )
     global_batch = cfg.batch_size * info.world_size
     last_epoch = cfg.stop_after_epoch or cfg.epochs
-    with progress:
-        for epoch in range(start_epoch, last_epoch):
-            loader.set_epoch(epoch)
-            if cfg.queue_length > 0 and epoch >= cfg.epoch_queue_starts and queue is None:
-                queue = EmbeddingQueue(len(cfg.crops_for_assign), queue_total // info.world_size, cfg.feat_dim,
-                                       cfg.batch_size, info.device)
-            task = progress.add_task("train", total=steps_per_epoch, epoch=f"{epoch + 1}/{cfg.epochs}", loss="-",
-                                     lnk=ln_k, lr="-", sps="-")
-            model.train()
-            loss_sum = torch.zeros((), device=info.device)
-            t_epoch = t_log = time.perf_counter()
-            n_log = skipped = 0
-            for step, batch in enumerate(loader):
-                lr = float(lrs[iteration])
-                crops = batch.crops if channels_last else [c.contiguous() for c in batch.crops]
-                loss = train_step(model, optimizer, crops, lr, iteration, cfg, queue, info.group, autocast)
-                loss_sum += loss
-                iteration += 1
-                n_log += 1
-                skipped += len(batch.skipped)
-                if (step + 1) % cfg.log_every == 0 or step + 1 == steps_per_epoch:
-                    loss_value = loss.item()  # host sync point: once every log_every steps
-                    now = time.perf_counter()
-                    sps = n_log * global_batch / (now - t_log)
-                    t_log, n_log = now, 0
-                    progress.update(task, completed=step + 1, loss=f"{loss_value:.4f}", lr=f"{lr:.4g}",
-                                    sps=f"{sps:.0f}")
-                    if metrics:
-                        metrics.write(json.dumps({"epoch": epoch, "iteration": iteration, "loss": loss_value,
-                                                  "lr": lr, "samples_per_s": round(sps, 2)}) + "\n")
-                        metrics.flush()
-                    if not console.is_terminal:  # logs and CI: plain lines instead of the live bar
-                        eta = (now - t_epoch) / (step + 1) * (steps_per_epoch * (last_epoch - epoch) - step - 1)
-                        log(f"epoch {epoch + 1} step {step + 1}/{steps_per_epoch} loss {loss_value:.4f} "
-                            f"(ln K {ln_k:.3f}) lr {lr:.4g} {sps:.0f} samples/s, ETA {eta / 60:.1f} min",
-                            highlight=False)
-                else:
-                    progress.update(task, completed=step + 1)
-            progress.remove_task(task)
-            mean_loss = (loss_sum / steps_per_epoch).item()
-            epoch_time = time.perf_counter() - t_epoch
+    # Per-step losses stay on the device until the next read, so each read costs one sync for many steps.
+    recent = torch.zeros(cfg.log_every, device=info.device)
+    n_recent, last_ckpt_time, stop_now = 0, time.monotonic(), False
 
-            # checkpoint: every rank takes part in the gathers; rank 0 writes
-            queue_state, rng_states = gather_queue(queue, info), gather_rng(info)
-            if info.world_size > 1:  # unreadable images replaced this epoch, all ranks
-                n = torch.tensor(skipped, device=info.device)
-                dist.all_reduce(n)
-                skipped = int(n.item())
-            if info.is_main:
-                ckpt.save_atomic({
-                    "format": ckpt.FORMAT, "epoch": epoch + 1, "iteration": iteration,
-                    "model": core.state_dict(), "optimizer": optimizer.state_dict(), "queue": queue_state,
-                    "rng": rng_states, "config": dataclasses.asdict(cfg), "world_size": info.world_size,
-                }, ckpt_path)
-                metrics.write(json.dumps({"event": "epoch", "epoch": epoch, "loss": mean_loss, "ln_k": ln_k,
-                                          "epoch_time_s": round(epoch_time, 2), "iteration": iteration,
-                                          "queue_in_use": bool(queue is not None and queue.in_use),
-                                          "skipped_images": skipped}) + "\n")
-                metrics.flush()
-            log(f"epoch {epoch + 1}/{cfg.epochs}: mean loss {mean_loss:.4f} (ln K = {ln_k:.3f}), "
-                f"{epoch_time:.1f} s, {steps_per_epoch * global_batch / epoch_time:.0f} samples/s"
-                + (", queue in use" if queue is not None and queue.in_use else "")
-                + (f", [yellow]{skipped} unreadable image(s) replaced (see the warnings)[/]" if skipped else ""),
-                highlight=False)
+    def read_losses() -> list[float]:
+        """Host read of the losses since the last read (a CPU-GPU sync point); checks them and logs them."""
+        nonlocal n_recent, epoch_loss_sum
+        values = recent[:n_recent].tolist()
+        first = iteration - n_recent
+        n_recent = 0
+        guards.first_non_finite(values, first)
+        epoch_loss_sum += sum(values)
+        warning = collapse.update(values, first)
+        if warning:
+            log(f"[bold yellow]warning:[/] {warning}", highlight=False)
+            write_metrics({"event": "collapse_warning", "iteration": iteration, "message": warning})
+        return values
+
+    try:
+        with progress:
+            for epoch in range(start_epoch, last_epoch):
+                first_step = start_step if epoch == start_epoch else 0
+                if first_step == 0:
+                    epoch_loss_sum = 0.0
+                loader.set_epoch(epoch, first_step)
+                if cfg.queue_length > 0 and epoch >= cfg.epoch_queue_starts and queue is None:
+                    queue = EmbeddingQueue(len(cfg.crops_for_assign), queue_total // info.world_size, cfg.feat_dim,
+                                           cfg.batch_size, info.device)
+                task = progress.add_task("train", total=steps_per_epoch, completed=first_step, loss="-", lnk=ln_k,
+                                         lr="-", sps="-", epoch=f"{epoch + 1}/{cfg.epochs}")
+                model.train()
+                t_epoch = t_log = time.perf_counter()
+                n_log = skipped = 0
+                for step, batch in enumerate(loader, start=first_step):
+                    lr = float(lrs[iteration])
+                    crops = batch.crops if channels_last else [c.contiguous() for c in batch.crops]
+                    loss = train_step(model, optimizer, crops, lr, iteration, cfg, queue, info.group, autocast)
+                    recent[n_recent] = loss
+                    n_recent += 1
+                    iteration += 1
+                    n_log += 1
+                    skipped += len(batch.skipped)
+                    epoch_end = step + 1 == steps_per_epoch
+                    if n_recent == cfg.log_every or epoch_end or (info.world_size == 1 and stop_signal):
+                        values = read_losses()
+                        now = time.perf_counter()
+                        sps = n_log * global_batch / (now - t_log)
+                        t_log, n_log = now, 0
+                        mean = sum(values) / len(values)
+                        progress.update(task, completed=step + 1, loss=f"{mean:.4f}", lr=f"{lr:.4g}", sps=f"{sps:.0f}")
+                        write_metrics({"epoch": epoch, "iteration": iteration, "loss": mean, "loss_last": values[-1],
+                                       "lr": lr, "samples_per_s": round(sps, 2)})
+                        if not console.is_terminal:  # logs and CI: plain lines instead of the live bar
+                            eta = (now - t_epoch) / (step + 1 - first_step) * (
+                                steps_per_epoch * (last_epoch - epoch) - step - 1)
+                            log(f"epoch {epoch + 1} step {step + 1}/{steps_per_epoch} loss {mean:.4f} "
+                                f"(ln K {ln_k:.3f}) lr {lr:.4g} {sps:.0f} samples/s, ETA {eta / 60:.1f} min",
+                                highlight=False)
+                        timed = cfg.checkpoint_every_minutes > 0 and (
+                            time.monotonic() - last_ckpt_time) / 60 >= cfg.checkpoint_every_minutes
+                        stop_now, timed = agree(bool(stop_signal), timed)
+                    else:
+                        progress.update(task, completed=step + 1)
+                        timed = False
+                    by_steps = cfg.checkpoint_every_steps > 0 and iteration % cfg.checkpoint_every_steps == 0
+                    if not epoch_end and (timed or by_steps or stop_now):
+                        if n_recent:
+                            read_losses()  # never checkpoint a state whose loss was not checked
+                        path = save(epoch, step + 1)
+                        last_ckpt_time = time.monotonic()
+                        if path:
+                            write_metrics({"event": "checkpoint", "iteration": iteration, "path": str(path)})
+                    if stop_now:
+                        break
+                progress.remove_task(task)
+                if stop_now and not epoch_end:
+                    break
+                epoch_time = time.perf_counter() - t_epoch
+                mean_loss = epoch_loss_sum / max(1, steps_per_epoch)
+                if info.world_size > 1:  # unreadable images replaced this epoch, all ranks
+                    n = torch.tensor(skipped, device=info.device)
+                    dist.all_reduce(n)
+                    skipped = int(n.item())
+                save(epoch + 1, 0)
+                last_ckpt_time = time.monotonic()
+                write_metrics({"event": "epoch", "epoch": epoch, "loss": mean_loss, "ln_k": ln_k,
+                               "epoch_time_s": round(epoch_time, 2), "iteration": iteration,
+                               "queue_in_use": bool(queue is not None and queue.in_use), "skipped_images": skipped})
+                log(f"epoch {epoch + 1}/{cfg.epochs}: mean loss {mean_loss:.4f} (ln K = {ln_k:.3f}), "
+                    f"{epoch_time:.1f} s, {(steps_per_epoch - first_step) * global_batch / epoch_time:.0f} samples/s"
+                    + (", queue in use" if queue is not None and queue.in_use else "")
+                    + (f", [yellow]{skipped} unreadable image(s) replaced (see the warnings)[/]" if skipped else ""),
+                    highlight=False)
+                if stop_now:
+                    break
+    except guards.NonFiniteLoss as e:
+        kept = ckpt.list_checkpoints(run_dir)
+        log(f"[bold red]stopped:[/] {e}. Nothing was saved after it; the last good checkpoint is "
+            f"{kept[-1] if kept else '(none yet)'}. Common causes: too high a learning rate, fp16 overflow, "
+            "unnormalised features (REFERENCE section 9)", highlight=False)
+        write_metrics({"event": "non_finite_loss", "iteration": iteration, "message": str(e)})
+        shutdown()
+        return 3
 
     # ============================== export ==============================
     if info.is_main:
         metrics.close()
-        if last_epoch >= cfg.epochs:
+        if stop_now:
+            log(f"stopped by signal {stop_signal[0] if stop_signal else '(on another rank)'} with a checkpoint at "
+                f"iteration {iteration}; continue with: python train.py --run_dir {run_dir} --resume auto",
+                highlight=False)
+        elif last_epoch >= cfg.epochs:
             out = run_dir / f"trunk_{cfg.arch}.pth"
             ckpt.export_trunk(core.state_dict(), out)
             log(f"exported the trunk to {out} (loads into torchvision.models.{cfg.arch}(); fc.* is not included)",

@@ -154,22 +154,30 @@ class ReferenceLoader:
                             f"({batch_size} x {world_size} ranks); lower --batch_size or add images")
         self.steps = min(steps, max_steps) if max_steps else steps
         self.skipped: set[str] = set()  # every undecodable file met so far, reported once each
+        self.start_step = 0
 
     def __len__(self) -> int:
         return self.steps
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Select the epoch; iteration then starts at batch `start_step` (resuming mid-epoch yields exactly
+        the batches an uninterrupted epoch would have from there on)."""
+        if not 0 <= start_step <= self.steps:
+            raise ValueError(f"start_step {start_step} is outside the epoch's {self.steps} steps")
         self.sampler.set_epoch(epoch)
         self.dataset.epoch = epoch
+        self.start_step = start_step
 
     def __iter__(self) -> Iterator[MultiCropBatch]:
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
+        # The epoch's order is a pure function of (seed, epoch); skipping whole batches keeps the rest aligned.
+        order = list(self.sampler)[self.start_step * self.batch_size:]
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=order, drop_last=True,
                             num_workers=self.workers, collate_fn=collate, pin_memory=self.device.type == "cuda",
                             persistent_workers=False,
                             # its own generator: DataLoader otherwise draws a base seed from the global RNG,
                             # which would make training depend on the loader (our views are seeded per sample)
                             generator=torch.Generator().manual_seed(self.dataset.seed))
-        for step, batch in enumerate(loader):
+        for step, batch in enumerate(loader, start=self.start_step):
             if step >= self.steps:
                 break
             for s in batch.skipped:

@@ -1,7 +1,15 @@
-"""Atomic checkpoints (temp file + fsync + rename) and the trunk export."""
+"""Checkpoints: atomic (temp file + fsync + rename), checksummed, the last k kept; and the trunk export.
+
+A run directory holds `checkpoints/ckpt_<iteration>.pth`, each with a `.sha256` sidecar written after it.
+Loading walks from the newest to the oldest and takes the first one whose bytes match its checksum and that
+unpickles, naming every file it passed over: a checkpoint cut short by a kill, a full disk or a copy error
+costs the steps since the previous one, never the run.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import random
 from pathlib import Path
@@ -13,7 +21,7 @@ import torch
 from swav_fast.model import trunk_state_dict
 
 FORMAT = "swav_fast/1"
-CHECKPOINT_NAME = "checkpoint.pth"
+CHECKPOINT_DIR = "checkpoints"
 
 
 class CheckpointError(RuntimeError):
@@ -21,12 +29,18 @@ class CheckpointError(RuntimeError):
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """Write so that `path` is always either the old complete file or the new complete file."""
+    """torch.save so that `path` is always either the old complete file or the new complete file."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_atomic(buf.getvalue(), path)
+
+
+def write_atomic(data: bytes, path: str | Path) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -40,17 +54,75 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         os.close(dir_fd)
 
 
+def checkpoint_path(run_dir: str | Path, iteration: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / f"ckpt_{iteration:09d}.pth"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's checkpoints, oldest first."""
+    return sorted((Path(run_dir) / CHECKPOINT_DIR).glob("ckpt_*.pth"))
+
+
+def save_checkpoint(state: dict, run_dir: str | Path, keep: int) -> Path:
+    """Write checkpoints/ckpt_<iteration>.pth and its checksum, then drop all but the newest `keep`."""
+    path = checkpoint_path(run_dir, state["iteration"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    write_atomic(data, path)
+    # the sidecar comes second: a checkpoint without one was interrupted and is not trusted
+    write_atomic(f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode(), _sidecar(path))
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+        _sidecar(old).unlink(missing_ok=True)
+    return path
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
 def load(path: str | Path, map_location: torch.device | str = "cpu") -> dict:
+    """Load one checkpoint, verifying its checksum when it has a sidecar; errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    data = path.read_bytes()
+    side = _sidecar(path)
+    if side.is_file():
+        expected = side.read_text().split()[0] if side.read_text().split() else ""
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise CheckpointError(f"checkpoint {path} does not match its checksum {side.name} (truncated or corrupt)")
+    elif path.parent.name == CHECKPOINT_DIR:
+        raise CheckpointError(f"checkpoint {path} has no checksum file {side.name} (its write was interrupted)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
     except Exception as e:  # a truncated or foreign file: say which and why
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a swav_fast checkpoint (format {FORMAT} expected)")
     return state
+
+
+def load_latest(run_dir: str | Path, map_location: torch.device | str = "cpu",
+                warn=print) -> tuple[Path, dict] | None:
+    """The newest checkpoint that verifies and loads; each one passed over is named through `warn`."""
+    bad: list[str] = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            state = load(path, map_location)
+        except CheckpointError as e:
+            bad.append(str(path))
+            warn(f"skipping {e}")
+            continue
+        if bad:
+            warn(f"resuming from the previous good checkpoint {path} instead of {', '.join(bad)}")
+        return path, state
+    if bad:
+        raise CheckpointError(f"no usable checkpoint in {Path(run_dir) / CHECKPOINT_DIR}: {', '.join(bad)} "
+                              "all failed their checks")
+    return None
 
 
 def rng_state() -> dict:

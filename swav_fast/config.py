@@ -80,7 +80,15 @@ class Config:
     resume: str = _f("", "'auto': continue from run_dir's checkpoint (with the run's saved config.toml as the base "
                      "when no --preset is given); a path: that checkpoint; '': fresh run", per_invocation=True)
     seed: int = _f(31, "seed of initialisation, data order and augmentation")
-    log_every: int = _f(20, "steps between host reads of the loss (each read waits for the device)")
+    log_every: int = _f(20, "steps between host reads of the loss (each read waits for the device); signals "
+                        "and timed checkpoints are acted on at these steps")
+    checkpoint_every_steps: int = _f(0, "also checkpoint every this many steps (0: at epoch ends only)")
+    checkpoint_every_minutes: float = _f(30.0, "also checkpoint when this much time has passed since the last one "
+                                         "(0: off)")
+    keep_checkpoints: int = _f(3, "how many of the newest checkpoints to keep")
+    collapse_margin: float = _f(0.02, "loss within this of ln K counts towards the collapse warning")
+    collapse_window: int = _f(1000, "steps after the freeze window with the loss that close to ln K before the "
+                              "collapse warning (0: off)")
     max_steps_per_epoch: int = _f(0, "cut each epoch to this many steps (0: the whole dataset); for smoke runs")
     stop_after_epoch: int = _f(0, "leave after this epoch with a checkpoint written (0: run to the end)",
                                per_invocation=True)
@@ -181,17 +189,19 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     for name in ("temperature", "epsilon"):
         if not getattr(cfg, name) > 0:
             raise bad(name, "must be > 0")
-    for name in ("sinkhorn_iterations", "epochs", "batch_size", "nmb_prototypes", "feat_dim", "log_every"):
+    for name in ("sinkhorn_iterations", "epochs", "batch_size", "nmb_prototypes", "feat_dim", "log_every",
+                 "keep_checkpoints"):
         if getattr(cfg, name) < 1:
             raise bad(name, "must be >= 1")
     for name in ("workers", "hidden_mlp", "queue_length", "epoch_queue_starts", "freeze_prototypes_niters",
-                 "warmup_epochs", "max_steps_per_epoch", "stop_after_epoch", "sync_bn_group_size"):
+                 "warmup_epochs", "max_steps_per_epoch", "stop_after_epoch", "sync_bn_group_size",
+                 "checkpoint_every_steps", "collapse_window"):
         if getattr(cfg, name) < 0:
             raise bad(name, "must be >= 0")
     if cfg.warmup_epochs > cfg.epochs:
         raise bad("warmup_epochs", f"is longer than the run (--epochs {cfg.epochs})")
     for name in ("base_lr", "final_lr", "start_warmup", "wd", "lars_trust", "momentum", "blur_prob",
-                 "color_jitter_strength"):
+                 "color_jitter_strength", "checkpoint_every_minutes", "collapse_margin"):
         v = getattr(cfg, name)
         if not (math.isfinite(v) and v >= 0):
             raise bad(name, "must be a finite number >= 0")

@@ -26,6 +26,10 @@ TINY = [
 ]
 
 
+def latest(run_dir: Path) -> Path:
+    return ckpt.list_checkpoints(run_dir)[-1]
+
+
 def run(data: Path, run_dir: Path, *extra: str) -> int:
     return train.main([*TINY, "--data_path", str(data), "--run_dir", str(run_dir), *extra])
 
@@ -40,8 +44,8 @@ def test_two_epochs_then_resume_gives_the_same_losses(digits_dir, tmp_path):
     assert run(digits_dir, full) == 0
     assert run(digits_dir, split, "--stop_after_epoch", "1") == 0
     assert not (split / "trunk_resnet18.pth").exists()  # not finished yet
-    state = ckpt.load(split / ckpt.CHECKPOINT_NAME)
-    assert state["epoch"] == 1 and state["iteration"] == 4
+    state = ckpt.load(latest(split))
+    assert state["epoch"] == 1 and state["step_in_epoch"] == 0 and state["iteration"] == 4
     assert state["queue"]["n_pushed"] == 4 and state["queue"]["buffers"][0].abs().sum() > 0
     # resume with nothing but the run directory: the saved config is the base
     assert train.main(["--run_dir", str(split), "--resume", "auto"]) == 0
@@ -71,7 +75,7 @@ def test_exported_trunk_loads_into_torchvision(digits_dir, tmp_path):
 def test_freeze_window_leaves_prototypes_untouched(digits_dir, tmp_path):
     run_dir = tmp_path / "r"
     assert run(digits_dir, run_dir, "--epochs", "2", "--stop_after_epoch", "1", "--freeze_prototypes_niters", "4") == 0
-    model = ckpt.load(run_dir / ckpt.CHECKPOINT_NAME)["model"]
+    model = ckpt.load(latest(run_dir))["model"]
     torch.manual_seed(31)  # the run's seed: rebuild its initial prototypes
     from swav_fast.model import SwAVModel
 
@@ -90,7 +94,7 @@ def test_torchrun_two_ranks_on_cpu(digits_dir, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "plain BatchNorm" in proc.stderr  # the CPU note about SyncBN
-    state = ckpt.load(run_dir / ckpt.CHECKPOINT_NAME)
+    state = ckpt.load(latest(run_dir))
     assert state["world_size"] == 2 and len(state["queue"]["buffers"]) == 2
     # each rank keeps its own queue of its own shard's embeddings
     assert not torch.equal(state["queue"]["buffers"][0], state["queue"]["buffers"][1])
@@ -101,10 +105,10 @@ def test_torchrun_two_ranks_on_cpu(digits_dir, tmp_path):
 def test_existing_run_is_not_overwritten(digits_dir, tmp_path, capsys):
     run_dir = tmp_path / "r"
     assert run(digits_dir, run_dir, "--epochs", "2", "--stop_after_epoch", "1") == 0
-    before = (run_dir / ckpt.CHECKPOINT_NAME).read_bytes()
+    before = latest(run_dir).read_bytes()
     assert run(digits_dir, run_dir) == 2
     assert "--resume auto" in capsys.readouterr().err
-    assert (run_dir / ckpt.CHECKPOINT_NAME).read_bytes() == before
+    assert latest(run_dir).read_bytes() == before
 
 
 @pytest.mark.parametrize("what", ["missing", "empty"])
@@ -115,7 +119,7 @@ def test_bad_data_directory_fails_clearly(tmp_path, capsys, what):
     assert run(data, tmp_path / "r") == 2
     err = capsys.readouterr().err
     assert str(data) in err and ("does not exist" in err or "no class sub-folders" in err)
-    assert not (tmp_path / "r" / ckpt.CHECKPOINT_NAME).exists()
+    assert not ckpt.list_checkpoints(tmp_path / "r")
 
 
 def test_bad_config_value_fails_before_any_work(digits_dir, tmp_path, capsys):

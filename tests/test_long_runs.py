@@ -1,0 +1,169 @@
+"""Long-run safety: resume at any step after SIGKILL or SIGTERM, checksummed checkpoints, NaN and collapse guards."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from swav_fast import checkpoint as ckpt
+from swav_fast import step as step_module
+from swav_fast.guards import CollapseMonitor, NonFiniteLoss, first_non_finite
+from tests.test_train import REPO, TINY, run
+
+# 3 epochs of 4 steps, a checkpoint every 2 steps, every loss logged
+LONG = ["--epochs", "3", "--checkpoint_every_steps", "2", "--checkpoint_every_minutes", "0"]
+
+
+def losses_by_iteration(run_dir: Path) -> dict[int, float]:
+    """The last logged loss of every iteration (a resumed run logs the steps after its checkpoint again)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "event" not in row:
+            out[row["iteration"]] = row["loss"]
+    return out
+
+
+def events(run_dir: Path, name: str) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("event") == name]
+
+
+@pytest.fixture(scope="module")
+def reference_run(digits_dir, tmp_path_factory) -> dict[int, float]:
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    assert run(digits_dir, run_dir, *LONG) == 0
+    losses = losses_by_iteration(run_dir)
+    assert sorted(losses) == list(range(1, 13))
+    return losses
+
+
+def start(digits_dir: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "train.py", *TINY, *LONG, "--data_path", str(digits_dir), "--run_dir", str(run_dir), *extra]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_iteration(run_dir: Path, proc: subprocess.Popen, iteration: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.is_file() and any(i >= iteration for i in losses_by_iteration(run_dir)):
+            return
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"iteration {iteration} not reached in {timeout} s")
+
+
+def test_sigkill_at_a_random_step_then_resume_matches(digits_dir, tmp_path, reference_run):
+    kill_at = random.Random().randint(3, 9)
+    run_dir = tmp_path / "killed"
+    proc = start(digits_dir, run_dir)
+    wait_for_iteration(run_dir, proc, kill_at)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.list_checkpoints(run_dir), "a checkpoint every 2 steps should exist by now"
+    assert train.main(["--run_dir", str(run_dir), "--resume", "auto"]) == 0
+    assert losses_by_iteration(run_dir) == reference_run, f"killed at iteration >= {kill_at}"
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(digits_dir, tmp_path, reference_run):
+    run_dir = tmp_path / "term"
+    proc = start(digits_dir, run_dir, "--checkpoint_every_steps", "0")  # only the signal makes a mid-epoch one
+    wait_for_iteration(run_dir, proc, 5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by signal" in err
+    state = ckpt.load(ckpt.list_checkpoints(run_dir)[-1])
+    assert state["iteration"] >= 5
+    assert not (run_dir / "trunk_resnet18.pth").exists()
+    assert train.main(["--run_dir", str(run_dir), "--resume", "auto"]) == 0
+    assert losses_by_iteration(run_dir) == reference_run
+
+
+def test_keeps_the_last_k_and_falls_back_from_a_corrupt_one(digits_dir, tmp_path, reference_run, capsys):
+    run_dir = tmp_path / "corrupt"
+    assert run(digits_dir, run_dir, *LONG, "--stop_after_epoch", "2", "--keep_checkpoints", "2") == 0
+    kept = ckpt.list_checkpoints(run_dir)
+    assert [ckpt.load(p)["iteration"] for p in kept] == [6, 8]  # the two newest of 2, 4, 6, 8
+    previous, newest = kept
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated, as by a full disk
+    capsys.readouterr()
+    assert train.main(["--run_dir", str(run_dir), "--resume", "auto"]) == 0
+    err = capsys.readouterr().err
+    assert newest.name in err and previous.name in err and "checksum" in err
+    assert losses_by_iteration(run_dir) == reference_run
+
+
+def test_checkpoint_without_checksum_is_not_trusted(tmp_path):
+    path = ckpt.checkpoint_path(tmp_path, 5)
+    path.parent.mkdir(parents=True)
+    torch.save({"format": ckpt.FORMAT, "iteration": 5}, path)
+    with pytest.raises(ckpt.CheckpointError, match="no checksum"):
+        ckpt.load(path)
+    with pytest.raises(ckpt.CheckpointError, match="no usable checkpoint"):
+        ckpt.load_latest(tmp_path, warn=lambda m: None)
+    assert ckpt.load_latest(tmp_path / "empty") is None
+
+
+def test_non_finite_loss_stops_and_names_the_step(digits_dir, tmp_path, monkeypatch, capsys):
+    real = step_module.swapped_prediction_loss
+    calls = []
+
+    def poisoned(*args, **kw):
+        calls.append(1)
+        loss = real(*args, **kw)
+        return loss * float("nan") if len(calls) == 6 else loss  # the 6th step, iteration index 5
+
+    monkeypatch.setattr(step_module, "swapped_prediction_loss", poisoned)
+    run_dir = tmp_path / "nan"
+    assert run(digits_dir, run_dir, *LONG) == 3
+    err = capsys.readouterr().err
+    assert "iteration 5" in err and "last good checkpoint" in err
+    kept = ckpt.list_checkpoints(run_dir)
+    assert [ckpt.load(p)["iteration"] for p in kept] == [2, 4]  # nothing saved at or after the bad step
+    assert kept[-1].name in err
+    assert len(events(run_dir, "non_finite_loss")) == 1
+
+
+def test_collapsed_run_warns_exactly_once(digits_dir, tmp_path, monkeypatch, capsys):
+    ln_k = math.log(10)
+
+    def collapsed(scores, *args, **kw):  # a loss pinned at ln K, still differentiable
+        return scores.float().mean() * 0 + ln_k
+
+    monkeypatch.setattr(step_module, "swapped_prediction_loss", collapsed)
+    run_dir = tmp_path / "collapse"
+    assert run(digits_dir, run_dir, "--collapse_window", "3", "--freeze_prototypes_niters", "2") == 0
+    err = capsys.readouterr().err
+    assert err.count("probably collapsed") == 1 and "--epsilon 0.03" in err
+    warnings = events(run_dir, "collapse_warning")
+    assert len(warnings) == 1 and warnings[0]["iteration"] == 5  # steps 2, 3, 4 after the window of 2
+
+
+def test_collapse_monitor_unit():
+    m = CollapseMonitor(ln_k=2.0, margin=0.05, window=3, after_iteration=10)
+    assert m.update([2.0] * 10, first_iteration=0) is None  # inside the freeze window: ignored
+    assert m.update([2.01, 2.0], first_iteration=10) is None
+    assert m.update([1.5], first_iteration=12) is None  # a real drop resets the count
+    assert m.update([2.0, 2.0], first_iteration=13) is None
+    assert "collapsed" in m.update([1.99], first_iteration=15)
+    assert m.update([2.0] * 10, first_iteration=16) is None  # once only
+    assert CollapseMonitor(2.0, 0.05, 0, 0).update([2.0] * 100, 0) is None  # window 0: off
+
+
+def test_first_non_finite_names_the_first_bad_iteration():
+    first_non_finite([1.0, 2.0], 7)
+    with pytest.raises(NonFiniteLoss, match="iteration 9"):
+        first_non_finite([1.0, 2.0, float("inf"), float("nan")], 7)
