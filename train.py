@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import pipelines
 from pipelines.spec import MultiCropSpec
 from swav_fast import checkpoint as ckpt
-from swav_fast import guards
+from swav_fast import guards, interop
 from swav_fast.config import ConfigError, parse_config, to_toml, trimmed_queue_length
 from swav_fast.distributed import DistInfo, init_distributed, shutdown, world_size_from_env
 from swav_fast.guards import CollapseMonitor
@@ -124,6 +124,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log("note: SyncBatchNorm needs CUDA; on CPU every rank normalises with its own batch statistics "
                 "(plain BatchNorm)")
+    if cfg.init_from and fresh:
+        try:
+            weights, kind = interop.read_checkpoint(cfg.init_from)
+            report = interop.load_into_swav_model(weights, model, strict_head=False, source=cfg.init_from)
+        except (interop.InteropError, OSError) as e:
+            log(f"[bold red]--init_from error:[/] {e}", highlight=False)
+            return 2
+        log(f"initialised from {cfg.init_from} ({kind}): {report.summary()}", highlight=False)
     model = model.to(info.device)
     # channels_last is the fast layout for cuDNN with bf16; on CPU it measured 2x slower here, so the
     # channels_last crops the pipelines hand over are made contiguous instead (one cheap copy per step).
@@ -183,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # SLURM preemption (--signal=USR1@90) and torchrun shutdown (SIGTERM): finish the step, checkpoint, leave.
     stop_signal: list[int] = []
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+    previous_handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+                         for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
     def save(epoch: int, step_in_epoch: int) -> Path | None:
         """Every rank takes part in the gathers; rank 0 writes."""
@@ -258,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                 t_epoch = t_log = time.perf_counter()
                 n_log = skipped = 0
                 for step, batch in enumerate(loader, start=first_step):
-                    lr = float(lrs[iteration])
+                    lr = float(lrs[min(iteration, len(lrs) - 1)])  # a resume with fewer steps per epoch
                     crops = batch.crops if channels_last else [c.contiguous() for c in batch.crops]
                     loss = train_step(model, optimizer, crops, lr, iteration, cfg, queue, info.group, autocast)
                     recent[n_recent] = loss
@@ -327,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         write_metrics({"event": "non_finite_loss", "iteration": iteration, "message": str(e)})
         shutdown()
         return 3
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
 
     # ============================== export ==============================
     if info.is_main:
@@ -339,6 +350,13 @@ def main(argv: list[str] | None = None) -> int:
             out = run_dir / f"trunk_{cfg.arch}.pth"
             ckpt.export_trunk(core.state_dict(), out)
             log(f"exported the trunk to {out} (loads into torchvision.models.{cfg.arch}(); fc.* is not included)",
+                highlight=False)
+        try:  # plots are a convenience: a missing matplotlib or a plotting error must not fail the run
+            from tools.plot_metrics import plot_run
+
+            log(f"plots: {', '.join(str(p) for p in plot_run(run_dir))}", highlight=False)
+        except Exception as e:  # noqa: BLE001
+            log(f"note: no plots ({type(e).__name__}: {e}); python tools/plot_metrics.py {run_dir} makes them later",
                 highlight=False)
         else:
             log(f"stopped after epoch {last_epoch} as asked; continue with: python train.py --run_dir {run_dir} "

@@ -52,6 +52,8 @@ class Config:
     hidden_mlp: int = _f(2048, "projection head hidden width (0: a single linear layer)")
     feat_dim: int = _f(128, "embedding dimension")
     nmb_prototypes: int = _f(3000, "number of prototypes K")
+    init_from: str = _f("", "initialise a fresh run from weights: an official swav .pth.tar, a swav_fast checkpoint "
+                        "or a torchvision trunk (the head keeps its init where the file has none or another shape)")
     # ----- SwAV -----
     crops_for_assign: list[int] = _f([0, 1], "crop indices whose codes are computed (swapped prediction)")
     temperature: float = _f(0.1, "softmax temperature T of the loss")

@@ -147,3 +147,18 @@ def test_resume_from_a_corrupt_checkpoint_names_it(digits_dir, tmp_path, capsys)
     bad.write_bytes(b"\x00" * 100)
     assert run(digits_dir, tmp_path / "r", "--resume", str(bad)) == 2
     assert str(bad) in capsys.readouterr().err
+
+
+def test_init_from_an_official_layout_checkpoint(digits_dir, tmp_path):
+    from swav_fast.model import SwAVModel
+
+    torch.manual_seed(123)
+    source = SwAVModel("resnet18", 32, 16, 10)
+    official = tmp_path / "swav_official.pth.tar"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, official)
+    run_dir = tmp_path / "r"
+    assert run(digits_dir, run_dir, "--epochs", "1", "--warmup_epochs", "0", "--init_from", str(official)) == 0
+    init = torch.load(run_dir / "trunk_init_resnet18.pth", weights_only=True)
+    assert all(torch.equal(init[k], v) for k, v in source.state_dict().items() if k in init)
+    assert (run_dir / "plots" / "loss.png").is_file()  # plots are made at the end of every run
+    assert run(digits_dir, tmp_path / "r2", "--init_from", str(tmp_path / "missing.pth")) == 2

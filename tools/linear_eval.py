@@ -1,0 +1,369 @@
+"""Linear evaluation of a frozen trunk: the protocol of the official swav eval_linear.py (REFERENCE section 8).
+
+The trunk runs in eval mode under no_grad; a Linear(num_features, n_classes) (weights N(0, 0.01), bias 0, as
+the official RegLog) is trained on its average-pooled features with cross-entropy and SGD: lr 0.3, momentum
+0.9, weight decay 1e-6, nesterov off, batch 256, 100 epochs. The learning rate follows a cosine from 0.3 to 0
+stepped **per epoch** (the official CosineAnnealingLR(epochs) with scheduler.step() after each epoch): epoch e
+uses 0.3 * (1 + cos(pi * e / epochs)) / 2. Training views: RandomResizedCrop(size) + horizontal flip; test
+views: Resize(round(size * 256 / 224)) + CenterCrop(size); both normalised with mean (0.485, 0.456, 0.406),
+std (0.228, 0.224, 0.225). Top-1 and top-5 on --val after every --eval-every epochs and at the end.
+
+The validation features are computed once and reused every epoch: the trunk is frozen and the test view
+deterministic, so this is the protocol exactly, only faster. ``--precompute`` does the same for the training
+images, with the *test* view instead of random crops and flips: a deviation from the protocol (no
+augmentation, so usually a little lower accuracy on large data sets and faster overfitting), useful on CPU
+where running the trunk every epoch is too slow. The default is the faithful path.
+
+``--trunk`` takes a torchvision trunk (train.py's trunk_<arch>.pth, or ``python -m swav_fast.interop export``),
+a swav_fast checkpoint.pth (its model entry) or an official SwAV checkpoint (``swav_800ep_pretrain.pth.tar``);
+``--arch`` is read from the file when not given.
+
+Usage::
+
+    python tools/linear_eval.py --trunk runs/demo/trunk_resnet18.pth --train data/demo/digits/train \\
+        --val data/demo/digits/val --size 32 --precompute --epochs 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from torchvision import transforms
+
+if __package__ in (None, ""):  # run as `python tools/linear_eval.py`: make `tools` and `swav_fast` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from swav_fast.interop import InteropError, infer_arch, read_checkpoint  # noqa: E402
+from swav_fast.model import trunk_state_dict  # noqa: E402
+from tools.knn_eval import IMAGENET_MEAN, IMAGENET_STD, folder_classes, image_folder, load_trunk  # noqa: E402
+
+DEFAULTS = {"epochs": 100, "lr": 0.3, "final_lr": 0.0, "momentum": 0.9, "wd": 1e-6, "batch_size": 256}
+
+
+def cosine_lr(epoch: int, epochs: int, base_lr: float = 0.3, final_lr: float = 0.0) -> float:
+    """Learning rate of ``epoch`` (0-based): the official per-epoch cosine, base_lr at 0, final_lr at ``epochs``."""
+    return final_lr + 0.5 * (base_lr - final_lr) * (1 + math.cos(math.pi * epoch / epochs))
+
+
+def train_transform(size: int) -> transforms.Compose:
+    """The protocol's training view: RandomResizedCrop(size) (scale 0.08-1), horizontal flip, normalisation."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(size),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    ])
+
+
+def check_folder(folder: str | Path, option: str) -> Path:
+    """The ImageFolder root given to ``option``; a clear error for an FFCV .beton file or a missing folder."""
+    folder = Path(folder)
+    if folder.suffix == ".beton":
+        raise ValueError(f"{option} {folder}: FFCV .beton input is not supported yet (it comes with the FFCV "
+                         "pipeline); pass an ImageFolder directory (<root>/<class>/<image>.jpg)")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{option} {folder}: no such directory; pass an ImageFolder root "
+                                "(<root>/<class>/<image>.jpg)")
+    return folder
+
+
+def load_eval_trunk(path: str | Path | None, arch: str | None = None,
+                    trust_pickle: bool = False) -> tuple[nn.Module, str, str]:
+    """(frozen trunk in eval mode with fc = Identity, arch, kind of file) for ``--trunk``.
+
+    ``path`` None gives the seeded random initialisation of ``arch`` (kind "random init"). The architecture
+    is read from the file's shapes; an explicit ``arch`` that disagrees is an error naming both.
+    """
+    if path is None:
+        if arch is None:
+            raise ValueError("--arch is needed with --random-init")
+        return load_trunk(None, arch), arch, "random init"
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--trunk {path}: no such file; pass a trunk exported by train.py, a run's "
+                                "checkpoint.pth or an official SwAV checkpoint")
+    try:
+        state, kind = read_checkpoint(path, trust_pickle)
+    except InteropError as exc:
+        raise ValueError(f"--trunk: {exc}") from exc
+    trunk = trunk_state_dict(state)
+    try:
+        found = infer_arch(trunk)
+    except InteropError as exc:
+        if arch is None:
+            raise ValueError(f"--trunk {path}: {exc}; pass --arch if it is a torchvision model") from exc
+        found = None
+    if arch is not None and found is not None and arch != found:
+        raise ValueError(f"--trunk {path} holds a {found} trunk but --arch is {arch}: pass --arch {found}")
+    arch = arch or found
+    if kind == "torchvision":
+        return load_trunk(str(path), arch), arch, kind
+    model = load_trunk(None, arch)  # fc is already Identity: the trunk keys are the whole state_dict
+    try:
+        model.load_state_dict(trunk, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"--trunk {path} ({kind}) does not fit torchvision {arch}: {exc}") from exc
+    return model.eval(), arch, kind
+
+
+@torch.no_grad()
+def compute_features(trunk: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
+                     progress: Progress | None = None, description: str = "features") -> tuple[torch.Tensor,
+                                                                                               torch.Tensor]:
+    """Raw (not normalised) pooled trunk features of every batch of ``loader``: (float32 [N, D] on CPU, labels).
+
+    Linear evaluation uses the features as they are; tools/knn_eval.extract_features L2-normalises them.
+    """
+    trunk.eval()
+    task = progress.add_task(description, total=len(loader)) if progress else None
+    feats, labels = [], []
+    for images, targets in loader:
+        feats.append(trunk(images.to(device, non_blocking=True)).float().flatten(1).cpu())
+        labels.append(targets)
+        if progress:
+            progress.advance(task)
+    if progress:
+        progress.remove_task(task)
+    return torch.cat(feats), torch.cat(labels).long()
+
+
+@torch.no_grad()
+def _frozen_features(trunk: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return trunk(images).float().flatten(1)
+
+
+def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[int]:
+    """How many rows have their target among the k highest logits, for each k (k clipped to the class count)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hits = top == targets.view(-1, 1)
+    return [int(hits[:, :k].any(dim=1).sum()) for k in ks]
+
+
+def _evaluate(head: nn.Linear, feats: torch.Tensor, labels: torch.Tensor, device: torch.device,
+              batch_size: int = 4096) -> tuple[float, float]:
+    head.eval()
+    correct = [0, 0]
+    with torch.no_grad():
+        for start in range(0, len(feats), batch_size):
+            logits = head(feats[start:start + batch_size].to(device))
+            c1, c5 = topk_correct(logits, labels[start:start + batch_size].to(device))
+            correct[0] += c1
+            correct[1] += c5
+    head.train()
+    return 100.0 * correct[0] / len(feats), 100.0 * correct[1] / len(feats)
+
+
+def linear_eval(
+    trunk: nn.Module,
+    train_dir: str | Path,
+    val_dir: str | Path,
+    size: int = 224,
+    epochs: int = DEFAULTS["epochs"],
+    lr: float = DEFAULTS["lr"],
+    final_lr: float = DEFAULTS["final_lr"],
+    momentum: float = DEFAULTS["momentum"],
+    wd: float = DEFAULTS["wd"],
+    batch_size: int = DEFAULTS["batch_size"],
+    nesterov: bool = False,
+    precompute: bool = False,
+    eval_every: int = 1,
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+    seed: int = 31,
+    console: Console | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> dict:
+    """Train a linear classifier on the frozen ``trunk``'s features; returns the figures and per-epoch history.
+
+    Result keys: top1, top5 (after the last epoch, percent), best_top1 (the best evaluated epoch, which is what
+    the official script reports), top5_k (5, or the class count when smaller), n_train, n_val, n_classes,
+    num_features, history (one dict per epoch: epoch, lr, train_loss, train_top1 and, on evaluated epochs,
+    val_top1, val_top5). ``on_epoch`` is called with each history entry.
+    """
+    if epochs < 1 or batch_size < 1 or eval_every < 1 or size < 1:
+        raise ValueError("epochs, batch_size, eval_every and size must be at least 1")
+    train_dir, val_dir = check_folder(train_dir, "--train"), check_folder(val_dir, "--val")
+    classes = folder_classes(train_dir)
+    if classes != folder_classes(val_dir):
+        raise ValueError(f"--train {train_dir} and --val {val_dir} have different class folders; they must "
+                         "match for the labels to line up")
+    device = torch.device(device)
+    console = console or Console(stderr=True)
+    trunk = trunk.to(device).eval()
+
+    val_set = image_folder(val_dir, size)  # the test view (knn_eval.eval_transform)
+    train_set = image_folder(train_dir, size)
+    if not precompute:
+        train_set.transform = train_transform(size)
+    pin = device.type == "cuda"
+    generator = torch.Generator().manual_seed(seed)
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                               pin_memory=pin, generator=generator,
+                                               persistent_workers=workers > 0 and not precompute)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, num_workers=workers, pin_memory=pin)
+    n_classes = len(classes)
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    history: list[dict] = []
+    with Progress(*columns, console=console, transient=True) as progress:
+        val_feats, val_labels = compute_features(trunk, val_loader, device, progress, "val features")
+        if precompute:
+            train_feats, train_labels = compute_features(
+                trunk, torch.utils.data.DataLoader(train_set, batch_size=batch_size, num_workers=workers,
+                                                   pin_memory=pin),
+                device, progress, "train features (test view)")
+        num_features = val_feats.shape[1]
+
+        torch.manual_seed(seed)
+        head = nn.Linear(num_features, n_classes).to(device)
+        nn.init.normal_(head.weight, mean=0.0, std=0.01)
+        nn.init.zeros_(head.bias)
+        optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=wd, nesterov=nesterov)
+
+        epoch_task = progress.add_task("linear eval", total=epochs)
+        for epoch in range(epochs):
+            epoch_lr = cosine_lr(epoch, epochs, lr, final_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = epoch_lr
+            # summed on the device: no host sync per step
+            loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
+            seen = 0
+            if precompute:
+                order = torch.randperm(len(train_feats), generator=generator)
+                batches = ((train_feats[idx], train_labels[idx]) for idx in order.split(batch_size))
+                batch_task = None
+            else:
+                batches = ((_frozen_features(trunk, x.to(device, non_blocking=True)), y) for x, y in train_loader)
+                batch_task = progress.add_task(f"epoch {epoch + 1}", total=len(train_loader))
+            for feats, targets in batches:
+                feats, targets = feats.to(device).float().flatten(1), targets.to(device)
+                logits = head(feats.detach())
+                loss = F.cross_entropy(logits, targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach() * len(targets)
+                correct += (logits.detach().argmax(dim=1) == targets).sum()
+                seen += len(targets)
+                if batch_task is not None:
+                    progress.advance(batch_task)
+            if batch_task is not None:
+                progress.remove_task(batch_task)
+            entry = {"epoch": epoch + 1, "lr": epoch_lr, "train_loss": loss_sum.item() / seen,
+                     "train_top1": 100.0 * correct.item() / seen}
+            if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
+                entry["val_top1"], entry["val_top5"] = _evaluate(head, val_feats, val_labels, device)
+            history.append(entry)
+            if on_epoch:
+                on_epoch(entry)
+            progress.advance(epoch_task)
+
+    evaluated = [h for h in history if "val_top1" in h]
+    return {
+        "top1": history[-1]["val_top1"],
+        "top5": history[-1]["val_top5"],
+        "best_top1": max(h["val_top1"] for h in evaluated),
+        "top5_k": min(5, n_classes),
+        "n_train": len(train_set),
+        "n_val": len(val_set),
+        "n_classes": n_classes,
+        "num_features": num_features,
+        "history": history,
+    }
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Linear evaluation of a frozen trunk (official swav eval_linear protocol, REFERENCE section 8).")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--trunk", type=Path,
+                        help="torchvision trunk (trunk_<arch>.pth), swav_fast checkpoint.pth or official SwAV "
+                             "checkpoint (.pth.tar)")
+    source.add_argument("--random-init", action="store_true", help="evaluate --arch at its seeded random init")
+    parser.add_argument("--arch", help="torchvision architecture (default: read from --trunk)")
+    parser.add_argument("--train", required=True, type=Path, help="ImageFolder the classifier is trained on")
+    parser.add_argument("--val", required=True, type=Path, help="ImageFolder for top-1 / top-5")
+    parser.add_argument("--size", type=int, default=224, help="crop size (default 224; test resize size*256/224)")
+    parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="default 100")
+    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="initial lr, cosine per epoch (default 0.3)")
+    parser.add_argument("--final-lr", type=float, default=DEFAULTS["final_lr"], help="cosine end value (default 0)")
+    parser.add_argument("--momentum", type=float, default=DEFAULTS["momentum"], help="default 0.9")
+    parser.add_argument("--wd", type=float, default=DEFAULTS["wd"], help="weight decay (default 1e-6)")
+    parser.add_argument("--nesterov", action="store_true", help="nesterov momentum (default off, as official)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="default 256")
+    parser.add_argument("--precompute", action="store_true",
+                        help="DEVIATION, for CPU: train on features of the test view computed once (no random "
+                             "crops or flips) instead of running the trunk on augmented views every epoch")
+    parser.add_argument("--eval-every", type=int, default=1, help="evaluate on --val every N epochs (and at the end)")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--seed", type=int, default=31, help="classifier init and shuffling (default 31)")
+    parser.add_argument("--json", type=Path, help="write settings, final figures and history to this JSON file")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow --trunk files with arbitrary pickled objects (runs code from the file)")
+    args = parser.parse_args(argv)
+    for name in ("epochs", "batch_size", "size", "eval_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.workers < 0:
+        parser.error(f"--workers {args.workers}: must be 0 or more")
+    if args.random_init and not args.arch:
+        parser.error("--random-init needs --arch")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    console = Console(stderr=True)
+    try:
+        check_folder(args.train, "--train")
+        check_folder(args.val, "--val")
+        trunk, arch, kind = load_eval_trunk(None if args.random_init else args.trunk, args.arch, args.trust_pickle)
+        mode = "precomputed test-view features (deviation)" if args.precompute else "faithful (augmented views)"
+        print(f"linear eval: {arch} trunk ({kind}) from {args.trunk or 'random init'}, {args.epochs} epochs, "
+                  f"{mode}, lr {args.lr} cosine per epoch, batch {args.batch_size}, device {device}")
+
+        def report(entry: dict) -> None:
+            line = (f"epoch {entry['epoch']:>3}/{args.epochs}  lr {entry['lr']:.4f}  loss {entry['train_loss']:.4f}"
+                    f"  train top-1 {entry['train_top1']:6.2f}%")
+            if "val_top1" in entry:
+                line += f"  val top-1 {entry['val_top1']:6.2f}%  top-5 {entry['val_top5']:6.2f}%"
+            print(line)
+
+        start = time.perf_counter()
+        result = linear_eval(trunk, args.train, args.val, args.size, args.epochs, args.lr, args.final_lr,
+                             args.momentum, args.wd, args.batch_size, args.nesterov, args.precompute,
+                             args.eval_every, args.workers, device, args.seed, console, report)
+        elapsed = time.perf_counter() - start
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"linear_eval: error: {exc}", file=sys.stderr)
+        return 1
+
+    print(f"linear eval top-1 {result['top1']:.2f}%  top-{result['top5_k']} {result['top5']:.2f}%  "
+              f"(best epoch top-1 {result['best_top1']:.2f}%; {result['n_train']} train / {result['n_val']} val "
+              f"images, {result['n_classes']} classes, {elapsed:.0f} s)")
+    if args.json:
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        settings.update(arch=arch, trunk_kind=kind, device=str(device), lr_schedule="cosine, stepped per epoch",
+                        elapsed_s=round(elapsed, 2))
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"settings": settings, **result}, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
