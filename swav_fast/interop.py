@@ -125,7 +125,7 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> tuple[dict[
     """(state_dict without ``module.``, kind) from an official, swav_fast or torchvision-trunk file.
 
     kind is ``"official"`` (a ``module.``-prefixed or ``{"state_dict": ...}`` file, or a bare one with head
-    keys), ``"swav_fast"`` (a train.py checkpoint.pth: its ``"model"`` entry) or ``"torchvision"`` (a plain
+    keys), ``"swav_fast"`` (a train.py checkpoints/ckpt_*.pth: its ``"model"`` entry) or ``"torchvision"`` (a plain
     trunk state_dict, as train.py and ``export`` write).
     """
     path = Path(path)

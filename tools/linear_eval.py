@@ -15,7 +15,8 @@ augmentation, so usually a little lower accuracy on large data sets and faster o
 where running the trunk every epoch is too slow. The default is the faithful path.
 
 ``--trunk`` takes a torchvision trunk (train.py's trunk_<arch>.pth, or ``python -m swav_fast.interop export``),
-a swav_fast checkpoint.pth (its model entry) or an official SwAV checkpoint (``swav_800ep_pretrain.pth.tar``);
+a swav_fast checkpoint (checkpoints/ckpt_*.pth, its model entry) or an official SwAV checkpoint
+(``swav_800ep_pretrain.pth.tar``);
 ``--arch`` is read from the file when not given.
 
 Usage::
@@ -93,7 +94,7 @@ def load_eval_trunk(path: str | Path | None, arch: str | None = None,
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--trunk {path}: no such file; pass a trunk exported by train.py, a run's "
-                                "checkpoint.pth or an official SwAV checkpoint")
+                                "checkpoint (checkpoints/ckpt_*.pth) or an official SwAV checkpoint")
     try:
         state, kind = read_checkpoint(path, trust_pickle)
     except InteropError as exc:
@@ -289,7 +290,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Linear evaluation of a frozen trunk (official swav eval_linear protocol, REFERENCE section 8).")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--trunk", type=Path,
-                        help="torchvision trunk (trunk_<arch>.pth), swav_fast checkpoint.pth or official SwAV "
+                        help="torchvision trunk (trunk_<arch>.pth), swav_fast checkpoints/ckpt_*.pth or official SwAV "
                              "checkpoint (.pth.tar)")
     source.add_argument("--random-init", action="store_true", help="evaluate --arch at its seeded random init")
     parser.add_argument("--arch", help="torchvision architecture (default: read from --trunk)")
