@@ -1,0 +1,245 @@
+"""Tests for tools/write_ffcv.py: round trip of real photos (kept, re-encoded, corrupt), --force, errors, CSV, CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_digits
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from pipelines.reference import DataError, scan_image_folder
+from tools import write_ffcv
+from tools.write_ffcv import jpeg_sof_marker, read_beton_bytes, read_csv_list, sidecar_paths, write_beton
+
+REPO = Path(__file__).resolve().parent.parent
+PHOTOS = REPO / "data" / "demo" / "photos" / "train"
+MAX_SIDE = 512
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+
+# name -> expected outcome in the round-trip folder ("keep", a re-encode reason, or a skip-reason keyword)
+REENCODED = {"progressive.jpg": "progressive", "rgb.png": "format:PNG", "palette.png": "format:PNG",
+             "cmyk.jpg": "mode:CMYK", "large.jpg": "too_large", "tall.jpg": "too_large"}
+CORRUPT = {"empty.jpg": "empty", "truncated.jpg": "truncated", "notes.jpg": "not an image"}
+
+
+def raw_records(path: Path) -> list[tuple[bytes, int, int]]:
+    """The samples read straight from the file layout (Reader metadata + memory map), independent of Loader."""
+    from ffcv.reader import Reader
+
+    reader = Reader(str(path))
+    assert reader.field_names == ["image", "label", "index"]
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    md = reader.metadata
+    return [(mm[int(r["f0"]["ptr"]):int(r["f0"]["ptr"]) + int(r["f0"]["size"])].tobytes(), int(r["f1"]), int(r["f2"]))
+            for r in md]
+
+
+def is_baseline_jpeg(data: bytes) -> bool:
+    with Image.open(io.BytesIO(data)) as im:
+        if im.format != "JPEG" or im.info.get("progressive") or im.info.get("progression"):
+            return False
+    header = data[:data.index(b"\xff\xda")]  # everything before the first scan
+    return b"\xff\xc0" in header and not any(bytes([0xFF, m]) in header for m in (0xC1, 0xC2, 0xC3))
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory) -> Path:
+    """3 classes: 10 real 500x375 photos, 7 other valid images (formats/modes/sizes), 3 corrupt files."""
+    if not PHOTOS.is_dir():
+        pytest.skip("demo photos missing: run `python tools/make_demo_data.py --out data/demo`")
+    root = tmp_path_factory.mktemp("mixed")
+    photos = sorted(PHOTOS.rglob("*.jpg"))[::25][:10]
+    assert len(photos) == 10
+    for i, p in enumerate(photos):
+        (root / f"c{i % 3}").mkdir(exist_ok=True)
+        shutil.copy(p, root / f"c{i % 3}" / f"photo{i}.jpg")
+    src = Image.open(photos[0]).convert("RGB")
+    assert src.size == (500, 375)
+    extra = root / "c1"
+    src.save(extra / "progressive.jpg", quality=90, progressive=True)
+    src.save(extra / "rgb.png")
+    src.quantize(64).save(extra / "palette.png", transparency=0)
+    src.convert("CMYK").save(extra / "cmyk.jpg", quality=90)
+    src.convert("L").save(extra / "gray.jpg", quality=90)
+    src.resize((1000, 750), Image.BICUBIC).save(extra / "large.jpg", quality=90)
+    src.resize((451, 900), Image.BICUBIC).save(extra / "tall.jpg", quality=90)  # 256.57 wide at 512
+    bad = root / "c2"
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "truncated.jpg").write_bytes(photos[1].read_bytes()[:20000])
+    (bad / "notes.jpg").write_text("these are not the pixels you are looking for\n")
+    (bad / "readme.txt").write_text("not an image extension: not scanned, not counted\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def written(mixed_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "mixed.beton"
+    meta = write_beton(mixed_folder, out, workers=2, progress=False)
+    return out, meta, list(read_beton_bytes(out, batch_size=4))
+
+
+def test_jpeg_sof_marker(mixed_folder):
+    assert jpeg_sof_marker((mixed_folder / "c0" / "photo0.jpg").read_bytes()) == 0xC0
+    assert jpeg_sof_marker((mixed_folder / "c1" / "progressive.jpg").read_bytes()) == 0xC2
+    assert jpeg_sof_marker((mixed_folder / "c1" / "rgb.png").read_bytes()) is None
+    assert jpeg_sof_marker(b"\xff\xd8\xff\xe0\x00") is None  # cut inside a segment header
+
+
+def test_round_trip(mixed_folder, written):
+    out, meta, records = written
+    samples, _ = scan_image_folder(mixed_folder)
+    valid = [(Path(p), label) for p, label in samples if Path(p).name not in CORRUPT]
+    assert len(valid) == 17 and len(records) == len(valid)
+    assert records == raw_records(out)  # the Loader path agrees with the file layout
+    for i, ((path, label), (data, rec_label, rec_index)) in enumerate(zip(valid, records, strict=True)):
+        assert (rec_label, rec_index) == (label, i), path
+        original = path.read_bytes()
+        decoded = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        with Image.open(io.BytesIO(data)) as im:
+            assert decoded.shape == (3, im.height, im.width), path
+        if path.name not in REENCODED:
+            assert data == original, f"{path} should be kept byte-for-byte"
+            continue
+        assert data != original
+        assert is_baseline_jpeg(data), path
+        with Image.open(io.BytesIO(data)) as im:
+            assert im.mode == "RGB"
+            got = np.asarray(im, dtype=np.float32)
+        with Image.open(path) as im:
+            ref = im.convert("RGB")
+        w, h = ref.size
+        if max(w, h) > MAX_SIDE:
+            size = (MAX_SIDE, round(h * MAX_SIDE / w)) if w >= h else (round(w * MAX_SIDE / h), MAX_SIDE)
+            ref = ref.resize(size, Image.LANCZOS)
+        want = np.asarray(ref, dtype=np.float32)
+        assert got.shape == want.shape, path
+        assert max(got.shape[:2]) <= MAX_SIDE
+        assert np.abs(got - want).mean() < 3.0, path
+    sizes = {p.name: Image.open(io.BytesIO(d)).size for (p, _), (d, _, _) in zip(valid, records, strict=True)}
+    assert sizes["large.jpg"] == (512, 384) and sizes["tall.jpg"] == (257, 512)
+
+
+def test_report_and_sidecar(mixed_folder, written):
+    out, meta, records = written
+    meta_path, report_path = sidecar_paths(out)
+    assert json.loads(meta_path.read_text()) == meta
+    lines = report_path.read_text().splitlines()
+    reasons = dict(line.split("\t") for line in lines)
+    assert {Path(p).name for p in reasons} == set(CORRUPT)
+    for p, reason in reasons.items():
+        assert CORRUPT[Path(p).name] in reason, (p, reason)
+    c = meta["counts"]
+    assert c == {"total": 20, "written": 17, "kept_original": 11, "reencoded": 6, "skipped": 3,
+                 "reencoded_by_reason": {"format:PNG": 2, "mode:CMYK": 1, "progressive": 1, "too_large": 2}}
+    assert c["written"] + c["skipped"] == c["total"]
+    assert c["kept_original"] + c["reencoded"] == c["written"] == len(records)
+    assert sum(c["reencoded_by_reason"].values()) == c["reencoded"]
+    assert meta["classes"] == {"c0": 0, "c1": 1, "c2": 2}
+    s = meta["settings"]
+    assert (s["max_side"], s["quality"], s["ffcv_version"]) == (512, 90, "1.0.2")
+    assert s["source"] == str(mixed_folder.resolve())
+    assert [f["name"] for f in meta["fields"]] == ["image", "label", "index"]
+    assert meta["fields"][0]["ffcv_field"] == "BytesField"
+    assert meta["beton"] == {"file": out.name, "bytes": out.stat().st_size, "num_samples": 17}
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, meta_path.name, report_path.name])
+
+
+def test_force(tmp_path):
+    src = write_digits(tmp_path / "digits", per_class=2)
+    out = tmp_path / "d.beton"
+    write_beton(src, out, quality=90, workers=2, progress=False)
+    before = out.read_bytes(), sidecar_paths(out)[0].read_text()
+    with pytest.raises(FileExistsError, match="--force"):
+        write_beton(src, out, max_side=16, quality=50, workers=2, progress=False)
+    assert (out.read_bytes(), sidecar_paths(out)[0].read_text()) == before
+    meta = write_beton(src, out, max_side=16, quality=50, workers=2, force=True, progress=False)
+    assert meta["settings"]["quality"] == 50 and meta["counts"]["reencoded_by_reason"] == {"too_large": 20}
+    assert json.loads(sidecar_paths(out)[0].read_text()) == meta
+    records = raw_records(out)
+    assert len(records) == 20 and all(Image.open(io.BytesIO(d)).size == (16, 16) for d, _, _ in records)
+
+
+def test_zero_valid_images(tmp_path):
+    root = tmp_path / "bad"
+    (root / "cls").mkdir(parents=True)
+    (root / "cls" / "a.jpg").write_bytes(b"")
+    (root / "cls" / "b.jpg").write_text("hello")
+    out_dir = tmp_path / "out"
+    with pytest.raises(DataError, match="no valid images") as exc:
+        write_beton(root, out_dir / "x.beton", workers=2, progress=False)
+    assert str(root) in str(exc.value)
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+    with pytest.raises(DataError, match="does not exist"):
+        write_beton(tmp_path / "missing", out_dir / "x.beton", progress=False)
+
+
+def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
+    src = write_digits(tmp_path / "digits", per_class=1)
+
+    def flaky(data, max_side, quality):  # runs in ffcv's forked workers, where an exception would hang ffcv
+        raise OSError("simulated decoder crash")
+
+    monkeypatch.setattr(write_ffcv, "reencode_jpeg", flaky)
+    out = tmp_path / "out" / "d.beton"
+    with pytest.raises(DataError, match="simulated decoder crash"):
+        write_beton(src, out, max_side=16, workers=2, progress=False)
+    assert list(out.parent.iterdir()) == []
+
+
+def test_csv_input(tmp_path, mixed_folder):
+    imgs = tmp_path / "lists" / "imgs"
+    imgs.mkdir(parents=True)
+    for name in ("photo0.jpg", "photo3.jpg"):
+        shutil.copy(mixed_folder / "c0" / name, imgs / name)
+    absolute = mixed_folder / "c1" / "rgb.png"
+    csv_path = tmp_path / "lists" / "train.csv"
+    csv_path.write_text("path,label\n# a comment\nimgs/photo0.jpg,zebra\n\nimgs/photo3.jpg, apple\n"
+                        f"{absolute},zebra\nimgs/gone.jpg,apple\n")
+    out = tmp_path / "csv.beton"
+    meta = write_beton(csv_path, out, workers=1, progress=False)
+    assert meta["classes"] == {"apple": 0, "zebra": 1}
+    assert meta["settings"]["source_kind"] == "csv"
+    assert meta["counts"]["total"] == 4 and meta["counts"]["skipped"] == 1 and meta["counts"]["written"] == 3
+    assert "gone.jpg\tfile not found" in sidecar_paths(out)[1].read_text()
+    records = list(read_beton_bytes(out))
+    assert [(lab, idx) for _, lab, idx in records] == [(1, 0), (0, 1), (1, 2)]
+    assert records[0][0] == (imgs / "photo0.jpg").read_bytes()
+    assert records[1][0] == (imgs / "photo3.jpg").read_bytes()
+
+    int_csv = tmp_path / "lists" / "ints.csv"
+    int_csv.write_text("imgs/photo0.jpg,7\nimgs/photo3.jpg,2\n")
+    rows, classes = read_csv_list(int_csv)
+    assert rows == [(str(imgs.resolve() / "photo0.jpg"), 7), (str(imgs.resolve() / "photo3.jpg"), 2)]
+    assert classes == {"2": 2, "7": 7}
+    bad_csv = tmp_path / "lists" / "bad.csv"
+    bad_csv.write_text("imgs/photo0.jpg,1,extra\n")
+    with pytest.raises(DataError, match="bad.csv:1"):
+        read_csv_list(bad_csv)
+
+
+def test_cli(tmp_path):
+    src = write_digits(tmp_path / "digits", per_class=2)
+    out = tmp_path / "cli.beton"
+    cmd = [sys.executable, str(REPO / "tools" / "write_ffcv.py"), str(src), str(out), "--max-side", "24",
+           "--quality", "80", "--workers", "2"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "wrote 20 images" in res.stdout and "too_large 20" in res.stdout
+    meta = json.loads(sidecar_paths(out)[0].read_text())
+    assert (meta["settings"]["max_side"], meta["settings"]["quality"]) == (24, 80)
+    records = raw_records(out)
+    assert [idx for _, _, idx in records] == list(range(20))
+    assert all(Image.open(io.BytesIO(d)).size == (24, 24) for d, _, _ in records)
+    before = out.read_bytes()
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert res.returncode == 2 and "--force" in res.stderr and "already exists" in res.stderr
+    assert out.read_bytes() == before
