@@ -33,7 +33,7 @@ from swav_fast.guards import CollapseMonitor
 from swav_fast.model import SwAVModel
 from swav_fast.optim import LARS, lr_schedule
 from swav_fast.queue import EmbeddingQueue
-from swav_fast.step import train_step
+from swav_fast.step import compiled_step_core, train_step
 
 
 def git_revision() -> str:
@@ -144,6 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     core = model
     if info.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[info.local_rank] if on_cuda else None)
+
+    if cfg.sinkhorn_impl == "triton" and not on_cuda:
+        log("[bold red]config error:[/] --sinkhorn_impl triton needs CUDA; use the reference on CPU")
+        return 2
+    if cfg.step_mode == "compile" and info.world_size > 1:
+        log("[bold red]config error:[/] --step_mode compile runs single-process for now (DDP's bucketed all-reduce "
+            "breaks the full graph); use eager with torchrun")
+        return 2
+    step_core = compiled_step_core() if cfg.step_mode == "compile" else None
 
     # ============================== optimiser ==============================
     optimizer = LARS(model.parameters(), lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.wd,
@@ -268,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                 for step, batch in enumerate(loader, start=first_step):
                     lr = float(lrs[min(iteration, len(lrs) - 1)])  # a resume with fewer steps per epoch
                     crops = batch.crops if channels_last else [c.contiguous() for c in batch.crops]
-                    loss = train_step(model, optimizer, crops, lr, iteration, cfg, queue, info.group, autocast)
+                    loss = train_step(model, optimizer, crops, lr, iteration, cfg, queue, info.group, autocast,
+                                      step_core)
                     recent[n_recent] = loss
                     n_recent += 1
                     iteration += 1

@@ -76,7 +76,11 @@ class Config:
     sync_bn_group_size: int = _f(0, "ranks per SyncBN group (0: all ranks; the bs4096 recipe uses 8)")
     precision: str = _f("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", choices=("auto", "bf16", "fp32"))
     channels_last: bool = _f(True, "channels_last memory format on CUDA (on CPU it is slower, so not used there)")
-    sinkhorn_impl: str = _f("reference", "Sinkhorn implementation", choices=("reference",))
+    sinkhorn_impl: str = _f("reference", "Sinkhorn: the pure-torch reference, or the fused Triton kernel (CUDA only)",
+                            choices=("reference", "triton"))
+    step_mode: str = _f("eager", "eager, or compile: the whole step (forward, backward, LARS, queue) as one "
+                        "torch.compile(fullgraph=True) graph, same numbers; single process for now",
+                        choices=("eager", "compile"))
     # ----- run -----
     run_dir: str = _f("runs/swav", "directory for checkpoints, metrics, config and the exported trunk")
     resume: str = _f("", "'auto': continue from run_dir's checkpoint (with the run's saved config.toml as the base "

@@ -32,29 +32,63 @@ class LARS(torch.optim.Optimizer):
     def step(self, closure=None):  # noqa: ARG002 - the Optimizer signature
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            wd, trust, eps = group["weight_decay"], group["trust_coefficient"], group["eps"]
+            if params:
+                lars_update_(params, [p.grad for p in params], self._buffers(params), group["lr"], group)
 
-            p_norm = torch.stack(torch._foreach_norm(params))
-            g_norm = torch.stack(torch._foreach_norm(grads))
-            ok = (p_norm > 0) & (g_norm > 0)
-            local = torch.where(ok, trust * p_norm / (g_norm + wd * p_norm + eps), torch.ones_like(p_norm))
-            decay = torch.where(ok, wd * local, torch.zeros_like(p_norm))
-            # update = g * local + p * (wd * local)  (both factors are 1 and 0 in the zero-norm case)
-            update = torch._foreach_mul(grads, list(local.unbind()))
-            torch._foreach_add_(update, torch._foreach_mul(params, list(decay.unbind())))
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """Allocate every gradient and momentum buffer now (zeros), so that steps never allocate them.
 
-            bufs = []
-            for p in params:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                bufs.append(state["momentum_buffer"])
-            torch._foreach_mul_(bufs, group["momentum"])
-            torch._foreach_add_(bufs, update)
-            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+        Zero momentum gives the same first update as a lazily created buffer (buf = g), and a zero grad the
+        same as none (see the class docstring): the numbers do not change, the step's tensors become static.
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            self._buffers(group["params"])
+
+    def zero_grads_(self) -> None:
+        """In-place zeroing of the prepared gradients (backward then accumulates into the same tensors)."""
+        torch._foreach_zero_([p.grad for g in self.param_groups for p in g["params"]])
+
+    @torch.no_grad()
+    def update(self, lr: float | torch.Tensor) -> None:
+        """One step with `lr` for every group (a 0-dim device tensor keeps the step free of host values).
+        Needs prepare(); unlike step() it is plain tensor code that torch.compile can trace."""
+        for group in self.param_groups:
+            params = group["params"]
+            lars_update_(params, [p.grad for p in params], [self.state[p]["momentum_buffer"] for p in params], lr,
+                         group)
+
+    def _buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            bufs.append(state["momentum_buffer"])
+        return bufs
+
+
+def lars_update_(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor],
+                 lr: float | torch.Tensor, group: dict) -> None:
+    """The LARC-scaled momentum SGD update of one parameter group, in place, with foreach ops and no host sync."""
+    wd, trust, eps = group["weight_decay"], group["trust_coefficient"], group["eps"]
+    p_norm = torch.stack(torch._foreach_norm(params))
+    g_norm = torch.stack(torch._foreach_norm(grads))
+    ok = (p_norm > 0) & (g_norm > 0)
+    local = torch.where(ok, trust * p_norm / (g_norm + wd * p_norm + eps), torch.ones_like(p_norm))
+    decay = torch.where(ok, wd * local, torch.zeros_like(p_norm))
+    # update = g * local + p * (wd * local)  (both factors are 1 and 0 in the zero-norm case)
+    update = torch._foreach_mul(grads, list(local.unbind()))
+    torch._foreach_add_(update, torch._foreach_mul(params, list(decay.unbind())))
+    torch._foreach_mul_(bufs, group["momentum"])
+    torch._foreach_add_(bufs, update)
+    if isinstance(lr, torch.Tensor):
+        torch._foreach_sub_(params, torch._foreach_mul(bufs, lr))
+    else:
+        torch._foreach_add_(params, bufs, alpha=-lr)
 
 
 def lr_schedule(base_lr: float, final_lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: int = 0,

@@ -32,15 +32,12 @@ class EmbeddingQueue:
     @torch.no_grad()
     def scores(self, i: int, prototypes: torch.Tensor) -> torch.Tensor:
         """Scores of queue block i with the current prototypes [K, dim] (recomputed every step)."""
-        return self.buffer[i] @ prototypes.t().to(self.buffer.dtype)
+        return block_scores(self.buffer[i], prototypes)
 
     @torch.no_grad()
     def push(self, embeddings: list[torch.Tensor]) -> None:
         """Shift every block by one batch and write the newest embeddings (one [B, dim] per block) on top."""
-        bs = self.batch_size
-        for i, z in enumerate(embeddings):
-            self.buffer[i, bs:] = self.buffer[i, :-bs].clone()
-            self.buffer[i, :bs] = z.to(self.buffer.dtype)
+        push_(self.buffer, embeddings)
         self.n_pushed += 1
 
     def state_dict(self) -> dict:
@@ -52,3 +49,15 @@ class EmbeddingQueue:
                              f"{tuple(self.buffer.shape)} (queue_length, batch size or ranks changed)")
         self.buffer.copy_(state["buffer"])
         self.n_pushed = int(state["n_pushed"])
+
+
+def block_scores(block: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    return block @ prototypes.t().to(block.dtype)
+
+
+def push_(buffer: torch.Tensor, embeddings: list[torch.Tensor]) -> None:
+    """The queue update on the raw buffer (tensor work only, so a compiled step can run it)."""
+    bs = embeddings[0].shape[0]
+    for i, z in enumerate(embeddings):
+        buffer[i, bs:] = buffer[i, :-bs].clone()
+        buffer[i, :bs] = z.to(buffer.dtype)

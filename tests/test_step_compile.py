@@ -1,0 +1,108 @@
+"""The step is one graph with no host sync: torch.compile(fullgraph=True) traces it, backward and all, and gives
+the eager numbers; a dispatch-mode count finds no op that hands a value to Python."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from swav_fast.config import Config
+from swav_fast.model import SwAVModel
+from swav_fast.optim import LARS
+from swav_fast.queue import EmbeddingQueue
+from swav_fast.step import compiled_step_core, train_step
+from tools.profile_step import OfficialStep, OpCounter
+
+CFG = Config(arch="resnet18", hidden_mlp=16, feat_dim=8, nmb_prototypes=6, nmb_crops=[2, 1], size_crops=[32, 16],
+             min_scale_crops=[0.5, 0.2], max_scale_crops=[1.0, 0.5], freeze_prototypes_niters=2, queue_length=8,
+             batch_size=4, epsilon=0.05)
+
+
+def crops_for(step: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    return [torch.randn(4, 3, 32, 32, generator=g), torch.randn(4, 3, 32, 32, generator=g),
+            torch.randn(4, 3, 16, 16, generator=g)]
+
+
+def setup():
+    torch.manual_seed(0)
+    model = SwAVModel(CFG.arch, CFG.hidden_mlp, CFG.feat_dim, CFG.nmb_prototypes)
+    opt = LARS(model.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-6, trust_coefficient=0.001)
+    queue = EmbeddingQueue(2, 8, CFG.feat_dim, 4, "cpu")
+    return model, opt, queue
+
+
+def test_compiled_full_graph_step_equals_eager():
+    # aot_eager: dynamo + AOT autograd trace the whole step into one graph (fullgraph=True turns any graph break
+    # into an error) without inductor's code generation, which would take minutes on 2 CPU cores.
+    torch._dynamo.reset()
+    compiled = compiled_step_core(backend="aot_eager")
+    eager_m, eager_opt, eager_q = setup()
+    comp_m, comp_opt, comp_q = setup()
+    phases = []
+    for it in range(5):  # frozen for 0, 1; queue in use from step 2 (2 pushes of 4 fill 8 rows)
+        phases.append((it < CFG.freeze_prototypes_niters, eager_q.in_use))
+        lr = 0.5 * (1 - it / 10)
+        a = train_step(eager_m, eager_opt, crops_for(it), lr, it, CFG, eager_q)
+        b = train_step(comp_m, comp_opt, crops_for(it), lr, it, CFG, comp_q, core=compiled)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert phases == [(True, False), (True, False), (False, True), (False, True), (False, True)]
+    for (name, p), q in zip(eager_m.named_parameters(), comp_m.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(comp_q.buffer, eager_q.buffer, rtol=1e-5, atol=1e-6)
+    assert comp_q.n_pushed == eager_q.n_pushed == 5
+
+
+def test_our_step_has_no_host_sync_and_the_official_one_has_many():
+    model, opt, queue = setup()
+    for it in range(3):  # fill the queue and leave the freeze window
+        train_step(model, opt, crops_for(it), 0.1, it, CFG, queue)
+    ours = OpCounter()
+    with ours:
+        train_step(model, opt, crops_for(3), 0.1, 3, CFG, queue)
+    assert ours.syncs == 0, ours.ops
+
+    official_model = copy.deepcopy(model)
+    buf = F.normalize(torch.randn(2, 8, CFG.feat_dim), dim=-1)
+    official = OfficialStep(official_model, CFG, buf)
+    theirs = OpCounter()
+    with theirs:
+        official(crops_for(3), 0.1, 3, torch.autocast("cpu", enabled=False))
+    n_params = len(list(official_model.parameters()))
+    # LARC's `if` reads two norms per parameter; the queue test and loss.item() read one value each
+    assert theirs.syncs >= 2 * n_params + 2
+    assert theirs.total > ours.total  # and it dispatches more ops (per-parameter LARC instead of foreach)
+
+
+def test_train_py_compile_mode_gives_the_eager_losses(digits_dir, tmp_path, monkeypatch):
+    import json
+
+    import train
+    from tests.test_train import run
+
+    # the same wiring as --step_mode compile, with the quick backend (inductor's codegen takes minutes here)
+    monkeypatch.setattr(train, "compiled_step_core", lambda: compiled_step_core(backend="aot_eager"))
+    losses = {}
+    for mode in ("eager", "compile"):
+        assert run(digits_dir, tmp_path / mode, "--epochs", "1", "--warmup_epochs", "0", "--step_mode", mode) == 0
+        rows = [json.loads(line) for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+        losses[mode] = [r["loss"] for r in rows if "event" not in r]
+    assert len(losses["eager"]) == 4
+    torch.testing.assert_close(torch.tensor(losses["compile"]), torch.tensor(losses["eager"]), rtol=1e-5, atol=1e-6)
+
+
+def test_profile_step_cli_prints_the_table(capsys, tmp_path):
+    import json
+
+    from tools.profile_step import main
+
+    out = tmp_path / "p.json"
+    assert main(["--device", "cpu", "--arch", "resnet18", "--batch", "4", "--sizes", "32", "16", "--counts", "2", "1",
+                 "--prototypes", "10", "--queue", "8", "--steps", "1", "--warmup", "1", "--modes", "official",
+                 "eager", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "host syncs" in text and "official" in text and "eager" in text
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["eager"]["host_syncs_per_step"] == 0 < rows["official"]["host_syncs_per_step"]

@@ -1,0 +1,209 @@
+"""Step profiler: our step in each mode beside an official-style eager step, on synthetic inputs of real shapes.
+
+    python tools/profile_step.py --device cuda                      # ResNet-50, 64 images, 2x224 + 6x96
+    python tools/profile_step.py --device cpu --arch resnet18 --batch 8 --sizes 64 32 --steps 3
+
+For each mode: time per step (CUDA events after warm-up on GPU, wall clock on CPU), samples/s, host syncs per
+step (ops that hand a tensor value to Python, counted by a dispatch mode: on a GPU each one waits for the
+device), ATen ops dispatched per step (a proxy for kernel launches), and peak memory on CUDA.
+The official-style step is facebookresearch/swav's loop body: a Python `if` on the queue's last row, apex
+LARC's `if` on two norms per parameter, prototype grads set to None, `loss.item()` every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from swav_fast.config import Config  # noqa: E402
+from swav_fast.loss import swapped_prediction_loss  # noqa: E402
+from swav_fast.model import SwAVModel  # noqa: E402
+from swav_fast.optim import LARS  # noqa: E402
+from swav_fast.queue import EmbeddingQueue  # noqa: E402
+from swav_fast.sinkhorn import sinkhorn  # noqa: E402
+from swav_fast.step import compiled_step_core, train_step  # noqa: E402
+
+# Ops whose result must reach the host (a CPU-GPU sync on CUDA): scalar reads and data-dependent shapes.
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique_consecutive", "_unique2", "repeat_interleave"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every ATen op dispatched, and the host-sync ones separately."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def syncs(self) -> int:
+        return sum(n for name, n in self.ops.items() if name in SYNC_OPS)
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+
+class OfficialStep:
+    """main_swav.py's loop body with apex LARC(SGD), for comparison; same numbers as ours, more host syncs."""
+
+    def __init__(self, model: SwAVModel, cfg: Config, queue: torch.Tensor | None):
+        self.model, self.cfg, self.queue = model, cfg, queue
+        self.sgd = torch.optim.SGD(model.parameters(), lr=cfg.base_lr, momentum=cfg.momentum)
+        self.use_the_queue = False
+
+    def __call__(self, crops: list[torch.Tensor], lr: float, iteration: int, autocast) -> float:
+        model, cfg = self.model, self.cfg
+        with torch.no_grad():
+            model.prototypes.weight.copy_(F.normalize(model.prototypes.weight, dim=1, p=2))
+        with autocast:
+            z, scores = model(crops)
+        bs = crops[0].shape[0]
+        codes = []
+        with torch.no_grad():
+            for i, c in enumerate(cfg.crops_for_assign):
+                out = scores[c * bs:(c + 1) * bs].detach().float()
+                if self.queue is not None:
+                    if self.use_the_queue or not torch.all(self.queue[i, -1, :] == 0):  # host sync
+                        self.use_the_queue = True
+                        out = torch.cat((self.queue[i] @ model.prototypes.weight.t(), out))
+                    self.queue[i, bs:] = self.queue[i, :-bs].clone()
+                    self.queue[i, :bs] = z[c * bs:(c + 1) * bs].detach()
+                codes.append(sinkhorn(out, cfg.epsilon, cfg.sinkhorn_iterations)[-bs:])
+        loss = swapped_prediction_loss(scores, codes, cfg.crops_for_assign, len(crops), cfg.temperature)
+        self.sgd.zero_grad()
+        loss.backward()
+        if iteration < cfg.freeze_prototypes_niters:
+            model.prototypes.weight.grad = None
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is None:
+                    continue
+                p_norm, g_norm = torch.norm(p), torch.norm(p.grad)
+                if p_norm != 0 and g_norm != 0:  # two host syncs per parameter
+                    local = cfg.lars_trust * p_norm / (g_norm + p_norm * cfg.wd + 1e-8)
+                    p.grad += cfg.wd * p
+                    p.grad *= local
+        for group in self.sgd.param_groups:
+            group["lr"] = lr
+        self.sgd.step()
+        return loss.item()  # host sync
+
+
+def synthetic_crops(batch: int, sizes: list[int], counts: list[int], device: torch.device) -> list[torch.Tensor]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    return [torch.randn(batch, 3, s, s, generator=g).to(device).contiguous(memory_format=torch.channels_last)
+            for s, n in zip(sizes, counts, strict=True) for _ in range(n)]
+
+
+def profile(mode: str, cfg: Config, device: torch.device, batch: int, steps: int, warmup: int) -> dict:
+    torch.manual_seed(0)
+    model = SwAVModel(cfg.arch, cfg.hidden_mlp, cfg.feat_dim, cfg.nmb_prototypes).to(device)
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        model = model.to(memory_format=torch.channels_last)
+    crops = synthetic_crops(batch, cfg.size_crops, cfg.nmb_crops, device)
+    if not on_cuda:
+        crops = [c.contiguous() for c in crops]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
+    # a full queue, so the queue path (the larger Sinkhorn) is what gets timed
+    queue = None
+    if cfg.queue_length:
+        queue = EmbeddingQueue(len(cfg.crops_for_assign), cfg.queue_length, cfg.feat_dim, batch, device)
+        queue.buffer.copy_(F.normalize(torch.randn_like(queue.buffer), dim=-1))
+        queue.n_pushed = cfg.queue_length // batch
+    if mode == "official":
+        official = OfficialStep(model, cfg, None if queue is None else queue.buffer)
+        run = lambda it: official(crops, 0.1, it, autocast)  # noqa: E731
+    else:
+        optimizer = LARS(model.parameters(), lr=0.1, momentum=cfg.momentum, weight_decay=cfg.wd,
+                         trust_coefficient=cfg.lars_trust)
+        core = compiled_step_core() if mode == "compile" else None
+        run = lambda it: train_step(model, optimizer, crops, 0.1, it, cfg, queue, None, autocast, core)  # noqa: E731
+    # iterations past the freeze window: the steady state
+    it0 = cfg.freeze_prototypes_niters
+    for i in range(warmup):
+        run(it0 + i)
+    counter = OpCounter()
+    with counter:
+        run(it0 + warmup)
+    times = []
+    if on_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(steps):
+        if on_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run(it0 + warmup + 1 + i)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            run(it0 + warmup + 1 + i)
+            times.append((time.perf_counter() - t) * 1e3)
+    ms = statistics.median(times)
+    return {"mode": mode, "ms_per_step": ms, "ms_min": min(times), "samples_per_s": batch / ms * 1e3,
+            "host_syncs_per_step": counter.syncs, "aten_ops_per_step": counter.total,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None,
+            "trials": steps, "device": torch.cuda.get_device_name() if on_cuda else "cpu"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--batch", type=int, default=64, help="images per step (per GPU)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[224, 96])
+    p.add_argument("--counts", type=int, nargs="+", default=[2, 6])
+    p.add_argument("--prototypes", type=int, default=3000)
+    p.add_argument("--queue", type=int, default=3840, help="queue rows (0: none)")
+    p.add_argument("--modes", nargs="+", default=["official", "eager", "compile"],
+                   choices=("official", "eager", "compile"))
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device visible")
+    cfg = Config(arch=args.arch, nmb_crops=args.counts, size_crops=args.sizes, nmb_prototypes=args.prototypes,
+                 min_scale_crops=[0.5] * len(args.sizes), max_scale_crops=[1.0] * len(args.sizes),
+                 queue_length=args.queue, batch_size=args.batch, freeze_prototypes_niters=0)
+    device = torch.device(args.device)
+    rows = []
+    for mode in args.modes:
+        print(f"profiling {mode} ...", file=sys.stderr)
+        rows.append(profile(mode, copy.deepcopy(cfg), device, args.batch, args.steps, args.warmup))
+    header = f"{'mode':<10}{'ms/step':>10}{'samples/s':>11}{'host syncs':>12}{'ATen ops':>10}{'peak GiB':>10}"
+    print(f"# {rows[0]['device']}, {args.arch}, {args.batch} images x {args.counts} crops of {args.sizes}, "
+          f"K {args.prototypes}, queue {args.queue}; median of {args.steps} steps after {args.warmup} warm-up")
+    print(header)
+    for r in rows:
+        mem = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "-"
+        print(f"{r['mode']:<10}{r['ms_per_step']:>10.2f}{r['samples_per_s']:>11.1f}{r['host_syncs_per_step']:>12}"
+              f"{r['aten_ops_per_step']:>10}{mem:>10}")
+    if args.json:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=1))
+    return 0 if all(math.isfinite(r["ms_per_step"]) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
