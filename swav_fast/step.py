@@ -81,7 +81,7 @@ def train_step(model: nn.Module, optimizer: LARS, crops: list[torch.Tensor], lr:
     The host part decides, from host integers only, whether the queue is in use and whether the prototypes
     are frozen, and keeps the host counters; `core` (step_core, or a torch.compile of it) does the tensor work.
     """
-    if "momentum_buffer" not in optimizer.state[optimizer.param_groups[0]["params"][0]]:
+    if optimizer.param_groups[0]["params"][0].grad is None:  # first step, or just resumed
         optimizer.prepare()
     for group in optimizer.param_groups:
         group["lr"] = lr  # host bookkeeping (state_dict); the update reads the device copy below
