@@ -18,10 +18,10 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipelines.reference import DataError, scan_image_folder
 from tools import write_ffcv
+from tools.make_demo_data import make_photos
 from tools.write_ffcv import jpeg_sof_marker, read_beton_bytes, read_csv_list, sidecar_paths, write_beton
 
 REPO = Path(__file__).resolve().parent.parent
-PHOTOS = REPO / "data" / "demo" / "photos" / "train"
 MAX_SIDE = 512
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
@@ -54,10 +54,11 @@ def is_baseline_jpeg(data: bytes) -> bool:
 @pytest.fixture(scope="module")
 def mixed_folder(tmp_path_factory) -> Path:
     """3 classes: 10 real 500x375 photos, 7 other valid images (formats/modes/sizes), 3 corrupt files."""
-    if not PHOTOS.is_dir():
-        pytest.skip("demo photos missing: run `python tools/make_demo_data.py --out data/demo`")
+    # real 500x375 photographs, made here from the images scikit-image and scikit-learn ship
+    photo_dir = tmp_path_factory.mktemp("photos")
+    make_photos(photo_dir, n_images=10, seed=3)
     root = tmp_path_factory.mktemp("mixed")
-    photos = sorted(PHOTOS.rglob("*.jpg"))[::25][:10]
+    photos = sorted(photo_dir.glob("train/*/*.jpg"))
     assert len(photos) == 10
     for i, p in enumerate(photos):
         (root / f"c{i % 3}").mkdir(exist_ok=True)
