@@ -1,7 +1,8 @@
-"""One SwAV optimisation step (eager mode): normalise prototypes, forward, codes, loss, backward, freeze, LARS.
+"""One SwAV optimisation step: normalise prototypes, forward, codes, loss, backward, freeze, LARS, queue push.
 
-No `.item()` and no Python branch on a tensor value: the only branches are on host integers (the step
-index against the freeze window, the queue's host-side fill count), so the step never waits for the device.
+train_step (host) turns host integers (the step index against the freeze window, the queue's fill count) into
+two booleans; step_core (tensors) does the rest with no `.item()` and no Python branch on a tensor value, so it
+never waits for the device and runs eager or as one torch.compile(fullgraph=True) graph with the same numbers.
 """
 
 from __future__ import annotations
