@@ -91,7 +91,7 @@ def load(path: str | Path, map_location: torch.device | str = "cpu") -> dict:
     data = path.read_bytes()
     side = _sidecar(path)
     if side.is_file():
-        expected = side.read_text().split()[0] if side.read_text().split() else ""
+        expected = (side.read_text().split() or [""])[0]
         if hashlib.sha256(data).hexdigest() != expected:
             raise CheckpointError(f"checkpoint {path} does not match its checksum {side.name} (truncated or corrupt)")
     elif path.parent.name == CHECKPOINT_DIR:

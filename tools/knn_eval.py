@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from rich.console import Console
-from rich.progress import track
+from rich.progress import Progress
 from rich.table import Table
 from torch import nn
 from torchvision import transforms
@@ -111,6 +111,27 @@ def image_folder(folder: str | Path, size: int) -> torchvision.datasets.ImageFol
 
 
 @torch.no_grad()
+def compute_features(trunk: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
+                     progress: Progress | None = None, description: str = "features") -> tuple[torch.Tensor,
+                                                                                               torch.Tensor]:
+    """Raw (not normalised) pooled trunk features of every batch of ``loader``: (float32 [N, D] on CPU, labels).
+
+    Linear evaluation uses the features as they are; extract_features L2-normalises them.
+    """
+    trunk.eval()
+    task = progress.add_task(description, total=len(loader)) if progress else None
+    feats, labels = [], []
+    for images, targets in loader:
+        feats.append(trunk(images.to(device, non_blocking=True)).float().flatten(1).cpu())
+        labels.append(targets)
+        if progress:
+            progress.advance(task)
+    if progress:
+        progress.remove_task(task)
+    return torch.cat(feats), torch.cat(labels).long()
+
+
+@torch.no_grad()
 def extract_features(
     model: nn.Module,
     folder: str | Path,
@@ -128,13 +149,10 @@ def extract_features(
         num_workers=workers,
         pin_memory=torch.device(device).type == "cuda",
     )
-    model = model.to(device).eval()
-    feats, labels = [], []
-    for images, targets in track(loader, description=f"features {Path(folder).name}", transient=True):
-        out = model(images.to(device, non_blocking=True))
-        feats.append(F.normalize(out.float().flatten(1), dim=1).cpu())
-        labels.append(targets)
-    return torch.cat(feats), torch.cat(labels).long()
+    with Progress(transient=True) as progress:
+        feats, labels = compute_features(model.to(device), loader, torch.device(device), progress,
+                                         f"features {Path(folder).name}")
+    return F.normalize(feats, dim=1), labels
 
 
 def knn_predict(

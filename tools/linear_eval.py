@@ -48,7 +48,14 @@ if __package__ in (None, ""):  # run as `python tools/linear_eval.py`: make `too
 
 from swav_fast.interop import InteropError, infer_arch, read_checkpoint  # noqa: E402
 from swav_fast.model import trunk_state_dict  # noqa: E402
-from tools.knn_eval import IMAGENET_MEAN, IMAGENET_STD, folder_classes, image_folder, load_trunk  # noqa: E402
+from tools.knn_eval import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    compute_features,
+    folder_classes,
+    image_folder,
+    load_trunk,
+)
 
 DEFAULTS = {"epochs": 100, "lr": 0.3, "final_lr": 0.0, "momentum": 0.9, "wd": 1e-6, "batch_size": 256}
 
@@ -117,27 +124,6 @@ def load_eval_trunk(path: str | Path | None, arch: str | None = None,
     except RuntimeError as exc:
         raise ValueError(f"--trunk {path} ({kind}) does not fit torchvision {arch}: {exc}") from exc
     return model.eval(), arch, kind
-
-
-@torch.no_grad()
-def compute_features(trunk: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
-                     progress: Progress | None = None, description: str = "features") -> tuple[torch.Tensor,
-                                                                                               torch.Tensor]:
-    """Raw (not normalised) pooled trunk features of every batch of ``loader``: (float32 [N, D] on CPU, labels).
-
-    Linear evaluation uses the features as they are; tools/knn_eval.extract_features L2-normalises them.
-    """
-    trunk.eval()
-    task = progress.add_task(description, total=len(loader)) if progress else None
-    feats, labels = [], []
-    for images, targets in loader:
-        feats.append(trunk(images.to(device, non_blocking=True)).float().flatten(1).cpu())
-        labels.append(targets)
-        if progress:
-            progress.advance(task)
-    if progress:
-        progress.remove_task(task)
-    return torch.cat(feats), torch.cat(labels).long()
 
 
 @torch.no_grad()
