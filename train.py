@@ -103,12 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     spec = MultiCropSpec.from_config(cfg)
     try:
         loader = pipelines.build(spec, cfg, info.device, info.rank, info.world_size)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         log(f"[bold red]data error:[/] {e}", highlight=False)
         return 2
     steps_per_epoch = len(loader)
-    log(f"data: {len(loader.dataset)} images in {cfg.data_path}, {info.world_size} rank(s) x {cfg.batch_size} "
-        f"images x {spec.n_crops} crops {spec.crop_sizes}, {steps_per_epoch} steps per epoch", highlight=False)
+    log(f"data: {loader.num_samples} images in {cfg.data_path} ({cfg.pipeline} pipeline), {info.world_size} "
+        f"rank(s) x {cfg.batch_size} images x {spec.n_crops} crops {spec.crop_sizes}, {steps_per_epoch} steps per "
+        "epoch", highlight=False)
 
     # ============================== model ==============================
     model = SwAVModel(cfg.arch, cfg.hidden_mlp, cfg.feat_dim, cfg.nmb_prototypes)

@@ -1,5 +1,6 @@
 """Multi-crop data pipelines. Each one is declared by name here and returns the same Loader contract:
-an iterable of MultiCropBatch on the device, len() = steps per epoch, set_epoch(e), disjoint shards per rank."""
+an iterable of MultiCropBatch on the device, len() = steps per epoch, set_epoch(e, start_step), disjoint shards per
+rank, num_samples = images in the dataset."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pipelines.spec import MultiCropBatch, MultiCropSpec
 
 # name -> module with build(spec, cfg, device, rank, world_size); imported lazily so an optional
 # dependency (DALI, FFCV) is only needed by the pipeline that uses it.
-PIPELINES = {"reference": "pipelines.reference"}
+PIPELINES = {"reference": "pipelines.reference", "ffcv": "pipelines.ffcv"}
 
 __all__ = ["MultiCropBatch", "MultiCropSpec", "PIPELINES", "build"]
 

@@ -44,7 +44,8 @@ def scan_image_folder(root: str | Path) -> tuple[list[tuple[str, int]], list[str
                         "root (one sub-folder of JPEGs per class); the demo data is built by "
                         "`python tools/make_demo_data.py --out data/demo`")
     if not root.is_dir():
-        raise DataError(f"data path '{root}' is a file, not a directory: pass the ImageFolder root")
+        hint = " (a .beton file is read by --pipeline ffcv)" if root.suffix == ".beton" else ""
+        raise DataError(f"data path '{root}' is a file, not a directory: pass the ImageFolder root{hint}")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise DataError(f"data directory '{root}' has no class sub-folders: expected {root}/<class>/<image>.jpg "
@@ -144,6 +145,7 @@ class ReferenceLoader:
     def __init__(self, spec: MultiCropSpec, data_path: str, batch_size: int, device: torch.device,
                  rank: int = 0, world_size: int = 1, seed: int = 0, workers: int = 4, max_steps: int = 0):
         self.dataset = MultiCropDataset(data_path, spec, seed)
+        self.num_samples = len(self.dataset)
         # DistributedSampler semantics as the official loader: shuffled with (seed, epoch), padded to a
         # multiple of world_size, every rank a disjoint strided shard; the DataLoader drops the last partial batch.
         self.sampler = DistributedSampler(self.dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)

@@ -22,7 +22,9 @@ from typing import Any
 
 PRESET_DIR = Path(__file__).parent / "presets"
 TRUNKS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2")
-PIPELINES = ("reference",)
+PIPELINES = ("reference", "ffcv", "dali")
+FFCV_ORDERS = ("random", "quasi_random")
+RESAMPLERS = ("matmul", "roi_align")
 
 
 class ConfigError(ValueError):
@@ -38,9 +40,15 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class Config:
     # ----- data -----
-    data_path: str = _f("", "ImageFolder root of the training images (class sub-folders of JPEGs)")
-    pipeline: str = _f("reference", "data pipeline", choices=PIPELINES)
-    workers: int = _f(4, "data-loader worker processes per rank (reference pipeline)")
+    data_path: str = _f("", "training images: an ImageFolder root (class sub-folders of JPEGs) for the reference "
+                        "and dali pipelines, a .beton from tools/write_ffcv.py for ffcv")
+    pipeline: str = _f("reference", "data pipeline: reference (PIL in worker processes), ffcv (.beton, batched "
+                       "decode and crops on the device) or dali (NVIDIA DALI, GPU decode)", choices=PIPELINES)
+    workers: int = _f(4, "data-loader workers per rank (reference: processes; ffcv: threads; dali: threads)")
+    ffcv_order: str = _f("random", "ffcv sample order: random (DistributedSampler order, OS page cache) or "
+                         "quasi_random (page-sharded, for a .beton larger than RAM)", choices=FFCV_ORDERS)
+    gpu_resample: str = _f("matmul", "crop resampling of the ffcv pipeline: matmul (exact antialiased bilinear) or "
+                           "roi_align (approximate, cheaper for large images)", choices=RESAMPLERS)
     nmb_crops: list[int] = _f([2, 6], "number of crops per resolution, large first")
     size_crops: list[int] = _f([224, 96], "crop side in pixels per resolution")
     min_scale_crops: list[float] = _f([0.14, 0.05], "RandomResizedCrop minimum area fraction per resolution")

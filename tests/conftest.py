@@ -27,3 +27,46 @@ def write_digits(root: Path, per_class: int, size: int = 32, offset: int = 0) ->
 def digits_dir(tmp_path_factory) -> Path:
     """100 images, 10 classes, 32 px."""
     return write_digits(tmp_path_factory.mktemp("digits"), per_class=10)
+
+
+def source_photos() -> list[np.ndarray]:
+    """Real photographs shipped by scikit-image and scikit-learn (uint8 HxWx3); skips visibly without them."""
+    photos = []
+    try:
+        from skimage import data
+
+        photos += [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.immunohistochemistry(),
+                   data.hubble_deep_field()]
+    except Exception as e:  # noqa: BLE001 - any failure to load falls through to the other source
+        print(f"scikit-image sample photos unavailable ({e})")
+    try:
+        from sklearn.datasets import load_sample_images
+
+        photos += list(load_sample_images().images)
+    except Exception as e:  # noqa: BLE001
+        print(f"scikit-learn sample photos unavailable ({e})")
+    if len(photos) < 4:
+        pytest.skip("SKIPPED: no real photographs available (needs scikit-image or scikit-learn sample images, "
+                    "the dev extra)")
+    return photos
+
+
+# (height, width) of the photo_folder images: landscape, portrait, square, wide, and a strip (crop fallback)
+PHOTO_SIZES = [(150, 200), (200, 150), (133, 200), (160, 160), (120, 180), (171, 256), (96, 128), (48, 192)]
+
+
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory) -> Path:
+    """An ImageFolder of 48 real-photo JPEGs in 2 classes, sizes from PHOTO_SIZES (small, so tests stay fast)."""
+    root = tmp_path_factory.mktemp("photo_folder")
+    src = source_photos()
+    for i in range(48):
+        h, w = PHOTO_SIZES[i % len(PHOTO_SIZES)]
+        d = root / f"class{i % 2}"
+        d.mkdir(exist_ok=True)
+        # a different crop of the source each time, so no two files are alike
+        img = src[i % len(src)]
+        y0, x0 = (i * 7) % (img.shape[0] // 4), (i * 13) % (img.shape[1] // 4)
+        Image.fromarray(img[y0:, x0:]).convert("RGB").resize((w, h), Image.BICUBIC).save(d / f"{i:03d}.jpg",
+                                                                                          quality=90)
+    return root

@@ -162,3 +162,37 @@ def test_init_from_an_official_layout_checkpoint(digits_dir, tmp_path):
     assert all(torch.equal(init[k], v) for k, v in source.state_dict().items() if k in init)
     assert (run_dir / "plots" / "loss.png").is_file()  # plots are made at the end of every run
     assert run(digits_dir, tmp_path / "r2", "--init_from", str(tmp_path / "missing.pth")) == 2
+
+
+@pytest.fixture(scope="module")
+def digits_beton(digits_dir, tmp_path_factory) -> Path:
+    pytest.importorskip("ffcv", reason="SKIPPED: ffcv is not installed (make env installs it)")
+    from tools.write_ffcv import write_beton
+
+    out = tmp_path_factory.mktemp("beton") / "digits.beton"
+    write_beton(digits_dir, out, workers=1, progress=False)
+    return out
+
+
+def test_ffcv_pipeline_trains_and_resumes_bit_equal(digits_beton, tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    ffcv = ("--pipeline", "ffcv", "--workers", "1")
+    assert run(digits_beton, full, *ffcv) == 0
+    assert run(digits_beton, split, *ffcv, "--stop_after_epoch", "1") == 0
+    assert train.main(["--run_dir", str(split), "--resume", "auto"]) == 0
+    losses = step_losses(full, 0) + step_losses(full, 1)
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+    assert step_losses(split, 0) + step_losses(split, 1) == losses
+    assert (full / "trunk_resnet18.pth").exists()
+
+
+@pytest.mark.parametrize("pipeline", ["ffcv", "reference"])
+def test_wrong_kind_of_data_path_fails_clearly(digits_dir, digits_beton, tmp_path, capsys, pipeline):
+    # ffcv given a folder, reference given a .beton: one line saying what to pass, exit 2, nothing written
+    data = digits_dir if pipeline == "ffcv" else digits_beton
+    assert run(data, tmp_path / "r", "--pipeline", pipeline) == 2
+    err = capsys.readouterr()
+    text = err.out + err.err
+    assert "data error" in text and str(data) in text
+    assert ("write_ffcv.py" in text) if pipeline == "ffcv" else ("is a file, not a directory" in text)
+    assert not (tmp_path / "r" / "checkpoints").exists()

@@ -1,0 +1,308 @@
+"""FFCV multi-crop pipeline: JPEG bytes from a .beton -> one batched decode -> pipelines/gpu_augment.py on the device.
+
+The host does as little as possible per sample: FFCV's Loader (numba threads over a memory-mapped .beton written
+by tools/write_ffcv.py) copies each sample's JPEG bytes into a batch buffer; each row is cut to its sample's
+length and packed into a staging buffer (pinned memory on CUDA, two of them used in turn); the whole batch is
+decoded by one `torchvision.io.decode_jpeg(list, mode=RGB, device=...)` call (nvJPEG on CUDA, libjpeg-turbo on
+CPU); GPUMultiCrop then draws every crop parameter on the device and builds all crops there. Nothing in a step
+waits for the device except the decode of the staging buffer that is about to be reused (two batches later).
+
+Order and sharding (a pure function of (seed, epoch, rank), like pipelines/reference.py):
+- `order="random"` (default; FFCV's page cache = the OS page cache): exactly torch's DistributedSampler with
+  shuffle=True and seed: one permutation per epoch of all samples, padded to a multiple of the rank count,
+  rank r takes every world_size-th sample from position r. With a .beton written from an ImageFolder with no
+  skipped files, sample i is the reference pipeline's image i, so both pipelines see the same images in the same
+  order (the views differ: gpu_augment draws its own random numbers).
+- `order="quasi_random"` (for a .beton larger than RAM; FFCV's own process cache, os_cache=False): FFCV's idea of
+  reading few pages at a time, sharded: the .beton's pages are shuffled per epoch and dealt to the ranks in turn;
+  each rank visits its pages in windows of 2 x batch_size pages and shuffles the samples within a window. Every
+  rank then reads only its own pages. Ranks get slightly different sample counts; all use the smallest
+  (drop_last). FFCV's QUASI_RANDOM itself refuses distributed mode, which is why this order is ours.
+
+Augmentation randomness: one generator per (seed, epoch, rank, step) (gpu_augment.augment_generator) on the
+device, so a resumed epoch (`set_epoch(epoch, start_step)`) yields the same batches and views from there on.
+The deviations of the augmentation from the PIL chain are listed in pipelines/gpu_augment.py.
+
+A sample whose bytes fail to decode (tools/write_ffcv.py validated every image with PIL, but nvJPEG is stricter
+than PIL about some files) is replaced by another image of the same batch; it is named in `batch.skipped` (and
+warned about once), never a crash mid-epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines.gpu_augment import GPUMultiCrop, augment_generator
+from pipelines.reference import DataError
+from pipelines.spec import MultiCropBatch, MultiCropSpec
+
+ORDERS = ("random", "quasi_random")
+FIELDS = ("image", "label", "index")
+HOW_TO_WRITE = "write one from an ImageFolder with `python tools/write_ffcv.py <ImageFolder root> <out>.beton`"
+_INSTALL = "install it with `make env` (or `pip install ffcv numba`; FFCV needs libopencv-dev and libturbojpeg)"
+
+
+def import_ffcv():
+    """The ffcv package, or an ImportError that says how to install it."""
+    try:
+        import ffcv
+        import ffcv.loader  # noqa: F401
+    except ImportError as e:  # pragma: no cover - exercised by monkeypatching in tests
+        raise ImportError(f"--pipeline ffcv needs the ffcv package, which is not importable ({e}); {_INSTALL}, "
+                          "or use --pipeline reference") from e
+    return ffcv
+
+
+def open_beton(path: str | Path):
+    """ffcv ``Reader`` of a file written by tools/write_ffcv.py, after checking that it is one.
+
+    FileNotFoundError for a missing file; DataError (one line naming the file and saying to run
+    tools/write_ffcv.py) for a directory, a file that is not an FFCV .beton, one whose fields are not
+    image (BytesField), label (IntField), index (IntField), or one whose samples point past its end.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"'{path}': no such .beton file; {HOW_TO_WRITE}")
+    if not path.is_file():
+        raise DataError(f"'{path}' is not a file: pass a .beton written by tools/write_ffcv.py, or "
+                        f"{HOW_TO_WRITE} (an ImageFolder trains with --pipeline reference or dali)")
+    import_ffcv()
+    from ffcv.fields import BytesField, IntField
+    from ffcv.reader import Reader
+    from ffcv.types import CURRENT_VERSION, HeaderType
+
+    file_size = path.stat().st_size
+    header = np.fromfile(path, dtype=HeaderType, count=1)
+    if len(header) == 0 or int(header[0]["version"]) != CURRENT_VERSION:
+        why = (f"{file_size} bytes, shorter than a header" if len(header) == 0 else
+               f"format version {int(header[0]['version'])} where ffcv {CURRENT_VERSION} is expected")
+        raise DataError(f"'{path}' is not an FFCV .beton file ({why}); {HOW_TO_WRITE}")
+    if int(header[0]["alloc_table_ptr"]) > file_size:
+        raise DataError(f"'{path}' is truncated: {file_size} bytes, but its table of pages starts at byte "
+                        f"{int(header[0]['alloc_table_ptr'])}; {HOW_TO_WRITE}")
+    try:
+        reader = Reader(str(path))
+    except Exception as exc:  # noqa: BLE001 - ffcv fails on foreign bytes in many ways (IndexError, AssertionError)
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+        raise DataError(f"'{path}' is not an FFCV .beton file (ffcv cannot read its header: {why}); "
+                        f"{HOW_TO_WRITE}") from exc
+    found = [(name, type(h).__name__) for name, h in reader.handlers.items()]
+    want = [("image", "BytesField"), ("label", "IntField"), ("index", "IntField")]
+    if found != want or not all(isinstance(h, t) for h, t in
+                                zip(reader.handlers.values(), (BytesField, IntField, IntField), strict=True)):
+        shown = ", ".join(f"{n} ({t})" for n, t in found) or "none"
+        raise DataError(f"'{path}' is an FFCV .beton but not one written by tools/write_ffcv.py: its fields are "
+                        f"{shown}, expected {', '.join(f'{n} ({t})' for n, t in want)}; {HOW_TO_WRITE}")
+    md = reader.metadata
+    if len(md) != int(reader.num_samples):
+        raise DataError(f"'{path}' is truncated: {len(md)} of {int(reader.num_samples)} sample records; "
+                        f"{HOW_TO_WRITE}")
+    if len(md):
+        end = md["f0"]["ptr"].astype(np.uint64) + md["f0"]["size"].astype(np.uint64)
+        if int(end.max()) > file_size:
+            raise DataError(f"'{path}' is truncated: samples point past its end ({file_size} bytes); "
+                            f"{HOW_TO_WRITE}")
+    return reader
+
+
+def distributed_order(n: int, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
+    """torch.utils.data.DistributedSampler(shuffle=True, drop_last=False)'s indices for (seed, epoch, rank)."""
+    g = torch.Generator().manual_seed(seed + epoch)
+    perm = torch.randperm(n, generator=g).numpy()
+    total = math.ceil(n / world_size) * world_size
+    if total > n:  # padded with the first indices, repeated as often as needed
+        perm = np.concatenate([perm, np.resize(perm, total - n)])
+    return perm[rank:total:world_size]
+
+
+def quasi_random_order(page_of_sample: np.ndarray, seed: int, epoch: int, rank: int, world_size: int,
+                       window: int) -> np.ndarray:
+    """Page-sharded quasi-random order: shuffled pages dealt to ranks in turn, samples shuffled within windows of
+    `window` consecutive pages of a rank, all ranks cut to the smallest rank's count."""
+    rng = np.random.default_rng([seed, epoch, 0x51])
+    pages, inverse = np.unique(page_of_sample, return_inverse=True)
+    order_of_pages = rng.permutation(len(pages))
+    counts = np.bincount(inverse, minlength=len(pages))
+    per_rank = [int(counts[order_of_pages[r::world_size]].sum()) for r in range(world_size)]
+    mine = order_of_pages[rank::world_size]
+    by_page = np.argsort(inverse, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    rank_rng = np.random.default_rng([seed, epoch, rank, 0x52])
+    out = []
+    for w in range(0, len(mine), window):
+        samples = np.concatenate([by_page[starts[p]:starts[p + 1]] for p in mine[w:w + window]])
+        out.append(rank_rng.permutation(samples))
+    order = np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+    return order[:min(per_rank)]
+
+
+def _traversal_order_class():
+    """A ffcv TraversalOrder that hands FFCV the order we computed (ffcv is imported lazily)."""
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class GivenOrder(TraversalOrder):
+        # ffcv instantiates a custom order by calling it with the loader: the instance returns itself.
+        def __init__(self, owner: FFCVLoader):
+            self.owner, self.loader = owner, None
+
+        def __call__(self, loader):
+            self.loader = loader
+            return self
+
+        def sample_order(self, epoch: int):
+            return self.owner.epoch_order()
+
+    return GivenOrder
+
+
+class FFCVLoader:
+    """Loader contract: iterable of MultiCropBatch on `device`, len() = steps per epoch, set_epoch(e, start_step)."""
+
+    def __init__(self, spec: MultiCropSpec, beton: str, batch_size: int, device: torch.device, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, workers: int = 4, max_steps: int = 0, order: str = "random",
+                 resample: str = "matmul", batches_ahead: int = 2):
+        if order not in ORDERS:
+            raise ValueError(f"--ffcv_order must be one of {', '.join(ORDERS)}, not {order!r}")
+        reader = open_beton(beton)
+        from ffcv.fields.decoders import BytesDecoder, IntDecoder
+        from ffcv.loader import Loader
+
+        self.beton, self.device, self.batch_size = str(beton), torch.device(device), batch_size
+        self.rank, self.world_size, self.seed, self.order_kind = rank, world_size, seed, order
+        self.n = self.num_samples = int(reader.num_samples)
+        self.sizes = np.asarray(reader.metadata[f"f{FIELDS.index('image')}"]["size"], dtype=np.int64)
+        if order == "quasi_random":
+            # the page holding each sample's bytes, from the allocation table
+            table = reader.alloc_table
+            page_of = np.zeros(self.n, dtype=np.int64)
+            page_of[table["sample_id"]] = table["ptr"] // reader.page_size
+            self.page_of_sample = page_of
+        self.epoch, self.start_step = 0, 0
+        shard = len(self._full_order(0))
+        steps = shard // batch_size
+        if steps == 0 and order == "quasi_random" and len(np.unique(self.page_of_sample)) < 2 * world_size:
+            raise DataError(f"{beton} has {len(np.unique(self.page_of_sample))} page(s) of {reader.page_size >> 20} "
+                            f"MiB: too few for --ffcv_order quasi_random, which deals whole pages to the "
+                            f"{world_size} ranks; use --ffcv_order random (the default)")
+        if steps == 0:
+            raise DataError(f"{beton} has {self.n} images: fewer than one global batch ({batch_size} x "
+                            f"{world_size} ranks); lower --batch_size or add images")
+        self.steps = min(steps, max_steps) if max_steps else steps
+        self.augment = GPUMultiCrop(spec, resample=resample)
+        self.skipped: set[str] = set()
+        self._staging: list[torch.Tensor | None] = [None, None]
+        self._staged: list[torch.cuda.Event | None] = [None, None]
+        self._slot = 0
+        self.loader = Loader(self.beton, batch_size=batch_size, num_workers=max(1, workers),
+                             order=_traversal_order_class()(self), os_cache=order == "random", drop_last=True,
+                             batches_ahead=batches_ahead,
+                             pipelines={"image": [BytesDecoder()], "label": None, "index": [IntDecoder()]})
+
+    # ------------------------------------------------------------------------------------------------ order
+    def _full_order(self, epoch: int) -> np.ndarray:
+        if self.order_kind == "random":
+            return distributed_order(self.n, self.seed, epoch, self.rank, self.world_size)
+        return quasi_random_order(self.page_of_sample, self.seed, epoch, self.rank, self.world_size,
+                                  2 * self.batch_size)
+
+    def epoch_order(self) -> np.ndarray:
+        """This rank's samples for the selected epoch, from batch start_step to the last step."""
+        order = self._full_order(self.epoch)
+        return order[self.start_step * self.batch_size:self.steps * self.batch_size].astype(np.uint64)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Select the epoch; iteration then starts at batch `start_step` (resume mid-epoch)."""
+        if not 0 <= start_step <= self.steps:
+            raise ValueError(f"start_step {start_step} is outside the epoch's {self.steps} steps")
+        self.epoch, self.start_step = epoch, start_step
+
+    # -------------------------------------------------------------------------------------------- batches
+    def host_batches(self) -> Iterator[tuple[int, list[torch.Tensor], np.ndarray]]:
+        """(step, JPEG bytes as uint8 tensors staged for the decoder, dataset indices): the whole host side."""
+        if self.start_step >= self.steps:
+            return
+        self.loader.next_epoch = self.epoch
+        it = iter(self.loader)
+        try:
+            for step, (images, index) in enumerate(it, start=self.start_step):
+                idx = np.array(index[:, 0], dtype=np.int64)  # a copy: ffcv reuses its batch buffers
+                yield step, self._stage(images, self.sizes[idx]), idx
+        finally:
+            it.close()
+
+    def _stage(self, images: np.ndarray, sizes: np.ndarray) -> list[torch.Tensor]:
+        """Cut each row to its sample's length. On CUDA the bytes are packed into one of two pinned buffers
+        (nvJPEG reads host memory; pinned memory makes its copies asynchronous)."""
+        if self.device.type != "cuda":
+            return [torch.from_numpy(images[j, :s]) for j, s in enumerate(sizes.tolist())]
+        slot, self._slot = self._slot, 1 - self._slot
+        total = int(sizes.sum())
+        buf = self._staging[slot]
+        if buf is None or buf.numel() < total:
+            buf = torch.empty(max(total, 2 * (buf.numel() if buf is not None else 0)), dtype=torch.uint8,
+                              pin_memory=True)
+            self._staging[slot] = buf
+        elif self._staged[slot] is not None:
+            self._staged[slot].synchronize()  # the decode that read this buffer two batches ago is done
+        host = buf.numpy()
+        out, pos = [], 0
+        for j, s in enumerate(sizes.tolist()):
+            host[pos:pos + s] = images[j, :s]
+            out.append(buf[pos:pos + s])
+            pos += s
+        return out
+
+    def decode(self, data: list[torch.Tensor], idx: np.ndarray) -> tuple[list[torch.Tensor], list[str]]:
+        """Decode a batch in one call; a sample that fails is replaced by the next good one of the batch."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        dev = self.device if self.device.type == "cuda" else "cpu"
+        try:
+            images = decode_jpeg(data, mode=ImageReadMode.RGB, device=dev)
+        except RuntimeError:
+            images = []
+            for d in data:
+                try:
+                    images.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=dev))
+                except RuntimeError as e:
+                    images.append(e)
+        skipped = [f"{self.beton} sample {int(i)} ({type(im).__name__}: {im})"
+                   for im, i in zip(images, idx, strict=True) if isinstance(im, Exception)]
+        if skipped:
+            good = [k for k, im in enumerate(images) if not isinstance(im, Exception)]
+            if not good:
+                raise DataError(f"no image of a batch of {self.beton} could be decoded (samples "
+                                f"{idx[:5].tolist()}...): is it a tools/write_ffcv.py file?")
+            images = [im if not isinstance(im, Exception) else images[min(good, key=lambda g: (g - k) % len(images))]
+                      for k, im in enumerate(images)]
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+            self._staged[1 - self._slot] = event  # the slot _stage just handed out
+        return images, skipped
+
+    def __iter__(self) -> Iterator[MultiCropBatch]:
+        for step, data, idx in self.host_batches():
+            images, skipped = self.decode(data, idx)
+            for s in skipped:
+                if s not in self.skipped:
+                    self.skipped.add(s)
+                    warnings.warn(f"skipped undecodable image {s}; replaced by another image of the batch",
+                                  stacklevel=2)
+            gen = augment_generator(self.seed, self.epoch, self.rank, step, self.device)
+            crops = self.augment(images, gen)
+            yield MultiCropBatch(crops, torch.from_numpy(idx), skipped)
+
+
+def build(spec: MultiCropSpec, cfg, device: torch.device, rank: int, world_size: int) -> FFCVLoader:
+    return FFCVLoader(spec, cfg.data_path, cfg.batch_size, device, rank, world_size, cfg.seed, cfg.workers,
+                      cfg.max_steps_per_epoch, order=cfg.ffcv_order, resample=cfg.gpu_resample)
