@@ -1,9 +1,11 @@
-"""Tests for tools/knn_eval.py: the kNN vote on hand-built cases, few-label banks, trunk loading, features."""
+"""Tests for tools/knn_eval.py: the kNN vote on hand-built cases, few-label banks, trunk loading, features,
+.beton input (tools/write_ffcv.py files) giving the figures of the ImageFolder it was written from."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ from tools.knn_eval import (
     load_trunk,
     main,
 )
+from tools.write_ffcv import sidecar_paths, write_beton
 
 
 def unit(*degrees: float) -> torch.Tensor:
@@ -274,3 +277,49 @@ def test_cli_bad_trunk_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFi
     torch.save({"conv1.weight": torch.zeros(1)}, bad)
     assert main(["--trunk", str(bad), "--train", str(train), "--val", str(train), "--size", "32"]) == 1
     assert str(bad) in capsys.readouterr().err
+
+
+def test_beton_input_gives_the_folder_figures(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    train = make_folder(tmp_path / "train", {"a": 4, "b": 4, "c": 3}, seed=0)
+    val = make_folder(tmp_path / "val", {"a": 2, "b": 2, "c": 2}, seed=1)
+    train_beton, val_beton = tmp_path / "train.beton", tmp_path / "val.beton"
+    write_beton(train, train_beton, workers=1, progress=False)
+    write_beton(val, val_beton, workers=1, progress=False)
+    model = load_trunk(None, "resnet18")
+    feats, labels = extract_features(model, train, size=32, batch_size=4)
+    beton_feats, beton_labels = extract_features(model, train_beton, size=32, batch_size=4)
+    assert torch.equal(beton_feats, feats) and beton_labels.tolist() == labels.tolist() == [0] * 4 + [1] * 4 + [2] * 3
+
+    trunk = tmp_path / "trunk_resnet18.pth"
+    torch.save({k: v for k, v in torchvision.models.resnet18().state_dict().items() if k[:3] != "fc."}, trunk)
+    figures = {}
+    for name, tr, va in (("folders", train, val), ("betons", train_beton, val_beton), ("mixed", train, val_beton)):
+        out = tmp_path / f"{name}.json"
+        argv = ["--trunk", str(trunk), "--train", str(tr), "--val", str(va), "--size", "32", "--k", "3",
+                "--few-labels", "2", "--draws", "2", "--json", str(out)]
+        assert main(argv) == 0
+        assert "kNN top-1 trained: " in capsys.readouterr().out
+        data = json.loads(out.read_text())
+        figures[name] = (data["results"]["trained"]["top1"], data["results"]["trained"]["few_label_mean"],
+                         data["settings"]["n_train"], data["settings"]["n_val"], data["settings"]["n_classes"])
+    assert figures["betons"] == figures["folders"] == figures["mixed"]
+    assert figures["folders"][2:] == (11, 6, 3)
+
+    # without its sidecar a .beton still works, its classes counted from the labels, with a note
+    bare = tmp_path / "bare.beton"
+    shutil.copy(train_beton, bare)
+    assert not sidecar_paths(bare)[0].exists()
+    assert main(["--trunk", str(trunk), "--train", str(bare), "--val", str(val), "--size", "32", "--k", "3",
+                 "--few-labels", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "knn_eval: note: --train: " in captured.err and "no sidecar bare.beton.json" in captured.err
+    assert f"kNN top-1 trained: {figures['folders'][0]:.2f}%" in captured.out
+
+    # a missing or foreign .beton: one error line naming the file and tools/write_ffcv.py
+    junk = tmp_path / "junk.beton"
+    junk.write_bytes(b"\x00" * 100)
+    for bad, needle in ((tmp_path / "missing.beton", "no such .beton file"), (junk, "is not an FFCV .beton file")):
+        assert main(["--trunk", str(trunk), "--train", str(train), "--val", str(bad), "--size", "32"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"knn_eval: error: --val {bad}") or err.startswith(f"knn_eval: error: --val '{bad}'")
+        assert needle in err and "tools/write_ffcv.py" in err and err.count("\n") == 1, err

@@ -1,18 +1,23 @@
-"""Tests for tools/linear_eval.py: the schedule, top-k, trunk inputs, the two training paths, errors, the CLI."""
+"""Tests for tools/linear_eval.py: the schedule, top-k, trunk inputs, the two training paths, errors, the CLI,
+and .beton input (tools/write_ffcv.py files) giving what the ImageFolder it was written from gives."""
 
 from __future__ import annotations
 
 import json
 import math
+import pickle
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torchvision
 from conftest import write_digits
 
 from swav_fast.checkpoint import FORMAT
 from swav_fast.model import SwAVModel
-from tools.knn_eval import image_folder
+from tools.knn_eval import eval_dataset, image_folder
 from tools.linear_eval import (
     compute_features,
     cosine_lr,
@@ -22,12 +27,24 @@ from tools.linear_eval import (
     topk_correct,
     train_transform,
 )
+from tools.write_ffcv import BetonImages, read_beton_bytes, sidecar_paths, write_beton
 
 
 @pytest.fixture(scope="module")
 def val_dir(tmp_path_factory) -> Path:
     """50 other digit images (5 per class), disjoint from digits_dir's."""
     return write_digits(tmp_path_factory.mktemp("digits_val"), per_class=5, offset=10)
+
+
+@pytest.fixture(scope="module")
+def betons(tmp_path_factory, digits_dir, val_dir) -> tuple[Path, Path]:
+    """digits_dir and val_dir written to .beton files (every image kept byte for byte: small baseline JPEGs)."""
+    out = tmp_path_factory.mktemp("betons")
+    train, val = out / "train.beton", out / "val.beton"
+    for src, dst in ((digits_dir, train), (val_dir, val)):
+        meta = write_beton(src, dst, workers=1, progress=False)
+        assert meta["counts"]["kept_original"] == meta["counts"]["written"]
+    return train, val
 
 
 def test_cosine_lr_per_epoch_values():
@@ -126,8 +143,10 @@ def test_bad_inputs_are_clear_errors(tmp_path, digits_dir, val_dir, capsys):
     cases = [
         (["--trunk", str(tmp_path / "missing.pth")] + base, "missing.pth: no such file"),
         (["--trunk", str(trunk), "--train", str(tmp_path / "nope")] + base[2:], "--train"),
-        (["--trunk", str(trunk), "--train", str(tmp_path / "train.beton")] + base[2:], "not supported yet"),
-        (["--trunk", str(trunk)] + base[:2] + ["--val", str(tmp_path / "v.beton")] + base[4:], ".beton"),
+        (["--trunk", str(trunk), "--train", str(tmp_path / "train.beton")] + base[2:],
+         "--train " + str(tmp_path / "train.beton") + ": no such .beton file; write one from an ImageFolder with"),
+        (["--trunk", str(trunk)] + base[:2] + ["--val", str(tmp_path / "v.beton")] + base[4:],
+         "--val " + str(tmp_path / "v.beton") + ": no such .beton file"),
     ]
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"garbage")
@@ -136,7 +155,7 @@ def test_bad_inputs_are_clear_errors(tmp_path, digits_dir, val_dir, capsys):
     (other / "a").mkdir(parents=True)
     (other / "a" / "x.jpg").write_bytes((next(digits_dir.glob("0/*.jpg"))).read_bytes())
     cases.append((["--trunk", str(trunk), "--train", str(digits_dir), "--val", str(other)] + base[4:],
-                  "different class folders"))
+                  "have different classes (10: 0, 1, 2, 3, 4, ... vs 1: a;"))
     for argv, needle in cases:
         assert main(argv) == 1, argv
         err = capsys.readouterr().err
@@ -157,3 +176,164 @@ def test_cli_end_to_end_json(tmp_path, digits_dir, val_dir, capsys):
     assert data["settings"]["lr_schedule"] == "cosine, stepped per epoch" and data["settings"]["precompute"]
     assert [h["epoch"] for h in data["history"] if "val_top1" in h] == [2, 4, 5]
     assert data["top5"] >= data["top1"] > 10
+
+
+def test_beton_dataset_gives_the_image_folder_samples(digits_dir, betons):
+    train_beton, _ = betons
+    folder = torchvision.datasets.ImageFolder(str(digits_dir))  # PIL images, no transform
+    data = BetonImages(train_beton)
+    assert len(data) == len(folder) == 100
+    assert data.classes == folder.classes and data.num_classes == 10 and data.note is None
+    assert data.targets.tolist() == folder.targets
+    for i, (path, label) in enumerate(folder.samples):
+        assert data.read_bytes(i) == Path(path).read_bytes()  # the original file, byte for byte
+        image, got_label = data[i]
+        want, _ = folder[i]
+        assert got_label == label and isinstance(got_label, int)
+        assert image.mode == "RGB" and image.size == want.size
+        assert np.array_equal(np.asarray(image), np.asarray(want)), path
+    # the same bytes as ffcv's own Loader reads (so ptr is an absolute file offset)
+    assert [(data.read_bytes(i), int(data.targets[i]), i) for i in range(len(data))] == list(
+        read_beton_bytes(train_beton, batch_size=32))
+
+    # with the evaluation transform, through DataLoader workers (each maps the file itself): the same tensors
+    beton_set, folder_set = eval_dataset(train_beton, 32, "--train"), eval_dataset(digits_dir, 32, "--train")
+    assert isinstance(beton_set, BetonImages) and isinstance(folder_set, torchvision.datasets.ImageFolder)
+    beton_batches = list(torch.utils.data.DataLoader(beton_set, batch_size=40, num_workers=2))
+    folder_batches = list(torch.utils.data.DataLoader(folder_set, batch_size=40))
+    assert len(beton_batches) == len(folder_batches) == 3
+    for (xb, yb), (xf, yf) in zip(beton_batches, folder_batches, strict=True):
+        assert torch.equal(xb, xf) and torch.equal(yb, yf)
+    assert beton_set._map is None  # only the workers mapped the file
+    # pickling (spawned workers) carries the metadata, never the mapped file
+    assert torch.equal(beton_set[0][0], folder_set[0][0]) and beton_set._map is not None
+    copy = pickle.loads(pickle.dumps(beton_set))
+    assert copy._map is None and len(pickle.dumps(beton_set)) < 20_000
+    assert torch.equal(copy[7][0], folder_set[7][0])
+
+
+def test_linear_eval_on_beton_equals_image_folder(digits_dir, val_dir, betons):
+    train_beton, val_beton = betons
+    trunk, _, _ = load_eval_trunk(None, "resnet18")
+    # the faithful path: random crops and flips from the same seeded generators on the same pixels
+    kw = dict(size=32, epochs=2, batch_size=32, seed=4)
+    folders = linear_eval(trunk, digits_dir, val_dir, **kw)
+    both = linear_eval(trunk, train_beton, val_beton, **kw)
+    mixed = linear_eval(trunk, train_beton, val_dir, **kw)
+    assert folders["history"][0]["train_loss"] > 0 and len(folders["history"]) == 2
+    assert both == folders  # every figure and the whole history, exactly
+    assert mixed == folders
+    # the precomputed path as well, and the other mix
+    kw.update(precompute=True, epochs=3)
+    assert linear_eval(trunk, digits_dir, val_beton, **kw) == linear_eval(trunk, digits_dir, val_dir, **kw)
+
+
+def test_cli_on_beton(tmp_path, digits_dir, val_dir, betons, capsys):
+    train_beton, val_beton = betons
+    base = ["--random-init", "--arch", "resnet18", "--size", "32", "--epochs", "3", "--precompute", "--workers", "0"]
+    results = {}
+    for name, train, val in (("folders", digits_dir, val_dir), ("betons", train_beton, val_beton)):
+        out = tmp_path / f"{name}.json"
+        assert main(base + ["--train", str(train), "--val", str(val), "--json", str(out)]) == 0
+        assert "linear eval top-1" in capsys.readouterr().out
+        data = json.loads(out.read_text())
+        assert data["settings"]["train"] == str(train)
+        results[name] = {k: v for k, v in data.items() if k != "settings"}
+    assert results["betons"] == results["folders"]
+    assert results["betons"]["n_train"] == 100 and results["betons"]["n_classes"] == 10
+
+
+def _write_other_fields(path: Path) -> None:
+    """An FFCV .beton that is not a write_ffcv file: image and label, but no index field."""
+    from ffcv.fields import BytesField, IntField
+    from ffcv.writer import DatasetWriter
+
+    samples = [(np.frombuffer(b"not a jpeg", dtype=np.uint8), 0)] * 3
+    DatasetWriter(str(path), {"image": BytesField(), "label": IntField()}, num_workers=1).from_indexed_dataset(
+        samples)
+
+
+def test_bad_beton_files_are_one_line_errors(tmp_path, digits_dir, val_dir, betons, capsys):
+    train_beton, val_beton = betons
+    trunk = tmp_path / "trunk.pth"
+    torch.save(load_eval_trunk(None, "resnet18")[0].state_dict(), trunk)
+    junk = tmp_path / "junk.beton"
+    junk.write_bytes(b"these are not the samples you are looking for\n" * 20)
+    empty = tmp_path / "empty.beton"
+    empty.write_bytes(b"")
+    other = tmp_path / "other.beton"
+    _write_other_fields(other)
+    capsys.readouterr()  # ffcv's progress bar
+    truncated = tmp_path / "truncated.beton"
+    truncated.write_bytes(train_beton.read_bytes()[:(1 << 23) + 50_000])  # cut inside the first page of data
+    stale = tmp_path / "stale.beton"  # the train file with the val file's sidecar (50 samples)
+    shutil.copy(train_beton, stale)
+    shutil.copy(sidecar_paths(val_beton)[0], sidecar_paths(stale)[0])
+    cases = [
+        (junk, "is not an FFCV .beton file"),
+        (empty, "is not an FFCV .beton file"),
+        (other, "is an FFCV .beton but not one written by tools/write_ffcv.py: its fields are image (BytesField), "
+                "label (IntField), expected image (BytesField), label (IntField), index (IntField)"),
+        (truncated, "is truncated"),
+        (stale, "does not describe"),
+    ]
+    for bad, needle in cases:
+        for option in ("--train", "--val"):
+            data = {"--train": digits_dir, "--val": val_dir, option: bad}
+            argv = ["--trunk", str(trunk), "--train", str(data["--train"]), "--val", str(data["--val"]),
+                    "--size", "32", "--epochs", "1", "--workers", "0"]
+            assert main(argv) == 1, (bad, option)
+            err = capsys.readouterr().err
+            assert err.startswith(f"linear_eval: error: {option} ") and needle in err, (bad, option, err)
+            assert str(bad) in err and "tools/write_ffcv.py" in err, err
+            assert err.count("\n") == 1, err  # one line
+    # the file's own errors, without the tools around it
+    with pytest.raises(ValueError, match="truncated"):
+        BetonImages(truncated)
+    with pytest.raises(FileNotFoundError, match="no such .beton file"):
+        BetonImages(tmp_path / "missing.beton")
+    with pytest.raises(FileNotFoundError, match="no such .beton file"):
+        list(read_beton_bytes(tmp_path / "missing.beton"))
+    with pytest.raises(ValueError, match="not one written by tools/write_ffcv.py"):
+        list(read_beton_bytes(other))
+
+
+def test_beton_without_sidecar_and_class_mismatch(tmp_path, digits_dir, val_dir, betons, capsys):
+    train_beton, val_beton = betons
+    bare = tmp_path / "bare.beton"
+    shutil.copy(train_beton, bare)
+    data = BetonImages(bare)
+    assert data.classes is None and data.num_classes == 10
+    assert "no sidecar bare.beton.json" in data.note and "10 classes taken from the largest label + 1" in data.note
+
+    trunk, _, _ = load_eval_trunk(None, "resnet18")
+    kw = dict(size=32, epochs=2, precompute=True, seed=2)
+    messages = []
+    from rich.console import Console
+    console = Console(file=_Lines(messages), width=400)
+    result = linear_eval(trunk, bare, val_beton, console=console, **kw)
+    assert result == linear_eval(trunk, train_beton, val_beton, **kw)
+    assert any("note: --train: " in m and "no sidecar bare.beton.json" in m for m in messages), messages
+
+    # a folder with fewer classes than the .beton's labels, and named classes that differ
+    few = tmp_path / "few"
+    for c in ("0", "1"):
+        shutil.copytree(val_dir / c, few / c)
+    with pytest.raises(ValueError, match="--train has labels up to 9 but --val .*few has only 2 classes"):
+        linear_eval(trunk, bare, few, **kw)
+    with pytest.raises(ValueError, match="have different classes"):
+        linear_eval(trunk, train_beton, few, **kw)
+
+
+class _Lines:
+    """A file-like object collecting what a rich Console writes."""
+
+    def __init__(self, into: list[str]):
+        self.into = into
+
+    def write(self, text: str) -> int:
+        self.into.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass

@@ -19,7 +19,14 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from pipelines.reference import DataError, scan_image_folder
 from tools import write_ffcv
 from tools.make_demo_data import make_photos
-from tools.write_ffcv import jpeg_sof_marker, read_beton_bytes, read_csv_list, sidecar_paths, write_beton
+from tools.write_ffcv import (
+    BetonImages,
+    jpeg_sof_marker,
+    read_beton_bytes,
+    read_csv_list,
+    sidecar_paths,
+    write_beton,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_SIDE = 512
@@ -221,6 +228,13 @@ def test_csv_input(tmp_path, mixed_folder):
     rows, classes = read_csv_list(int_csv)
     assert rows == [(str(imgs.resolve() / "photo0.jpg"), 7), (str(imgs.resolve() / "photo3.jpg"), 2)]
     assert classes == {"2": 2, "7": 7}
+    # BetonImages: classes by label, the gaps of integer labels named by their number, as many as the labels need
+    int_beton = tmp_path / "ints.beton"
+    write_beton(int_csv, int_beton, workers=1, progress=False)
+    data = BetonImages(int_beton)
+    assert data.classes == [str(i) for i in range(8)] and data.num_classes == 8 and data.note is None
+    assert data.targets.tolist() == [7, 2] and data[1][1] == 2
+    assert data.read_bytes(0) == (imgs / "photo0.jpg").read_bytes()
     bad_csv = tmp_path / "lists" / "bad.csv"
     bad_csv.write_text("imgs/photo0.jpg,1,extra\n")
     with pytest.raises(DataError, match="bad.csv:1"):
@@ -244,3 +258,26 @@ def test_cli(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert res.returncode == 2 and "--force" in res.stderr and "already exists" in res.stderr
     assert out.read_bytes() == before
+
+
+def test_beton_images_reads_what_the_loader_reads(mixed_folder, written):
+    out, meta, records = written
+    data = BetonImages(out)
+    assert len(data) == len(records) == 17
+    assert data.classes == ["c0", "c1", "c2"] and data.num_classes == 3 and data.note is None
+    # the memory-mapped slices at (ptr, size) are the bytes ffcv's Loader returns: ptr is a file offset
+    assert [(data.read_bytes(i), int(data.targets[i]), i) for i in range(len(data))] == records
+    samples, _ = scan_image_folder(mixed_folder)
+    valid = [Path(p) for p, _ in samples if Path(p).name not in CORRUPT]
+    for i, path in enumerate(valid):
+        image, label = data[i]
+        assert image.mode == "RGB" and label == records[i][1]
+        with Image.open(io.BytesIO(records[i][0])) as im:
+            assert np.array_equal(np.asarray(image), np.asarray(im.convert("RGB"))), path
+        if path.name == "gray.jpg":  # kept byte for byte, grayscale: 3 equal channels, as ImageFolder gives
+            with Image.open(path) as im:
+                assert np.array_equal(np.asarray(image), np.asarray(im.convert("RGB")))
+            assert np.array_equal(np.asarray(image)[..., 0], np.asarray(image)[..., 2])
+    assert data.transform is None
+    data.transform = lambda im: im.size
+    assert data[0] == (Image.open(valid[0]).size, 0)

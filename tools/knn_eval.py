@@ -5,6 +5,11 @@ similarity each vote for their class with weight exp(similarity / T), and the cl
 vote wins. Reported twice: with every training label as the bank, and with only a few labels per class
 (mean and std over seeded draws of the labelled bank).
 
+``--train`` and ``--val`` each take an ImageFolder root (<root>/<class>/<image>.jpg) or a ``.beton`` written by
+tools/write_ffcv.py (its JPEG bytes are decoded with PIL to RGB, exactly as ImageFolder decodes a file, then
+the same evaluation view: see :func:`eval_dataset`). Class names of a .beton come from its sidecar
+``<file>.beton.json``; the two sets must name the same classes in the same order.
+
 Usage::
 
     python tools/knn_eval.py --trunk RUN/trunk_resnet18.pth --arch resnet18 \\
@@ -28,6 +33,11 @@ from rich.progress import Progress
 from rich.table import Table
 from torch import nn
 from torchvision import transforms
+
+if __package__ in (None, ""):  # run as `python tools/knn_eval.py`: make `tools` and `pipelines` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tools.write_ffcv import BetonImages  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.228, 0.224, 0.225)
@@ -110,6 +120,82 @@ def image_folder(folder: str | Path, size: int) -> torchvision.datasets.ImageFol
         ) from exc
 
 
+def check_data(path: str | Path, option: str) -> Path:
+    """``path`` given to ``option`` (--train / --val), checked: an ImageFolder directory or an existing file
+    (taken for a .beton); a missing path is a FileNotFoundError saying what to pass."""
+    path = Path(path)
+    if path.is_dir() or path.is_file():
+        return path
+    if path.suffix == ".beton":
+        raise FileNotFoundError(f"{option} {path}: no such .beton file; write one from an ImageFolder with "
+                                f"`python tools/write_ffcv.py <ImageFolder root> {path}`")
+    raise FileNotFoundError(f"{option} {path}: no such directory; pass an ImageFolder root "
+                            "(<root>/<class>/<image>.jpg) or a .beton written by tools/write_ffcv.py")
+
+
+def open_beton_images(path: str | Path, option: str, transform=None) -> BetonImages:
+    """:class:`tools.write_ffcv.BetonImages` of ``path``; its errors are prefixed with ``option``."""
+    try:
+        return BetonImages(path, transform)
+    except (FileNotFoundError, ValueError) as exc:
+        raise type(exc)(f"{option} {exc}") from exc
+
+
+def eval_dataset(path: str | Path, size: int, option: str = "data") -> torchvision.datasets.ImageFolder | BetonImages:
+    """(image tensor, label) dataset of an ImageFolder root or a tools/write_ffcv.py .beton, with the evaluation
+    transform. Both decode to a PIL RGB image first (a .beton's stored JPEG bytes as ImageFolder decodes a
+    file) and list samples in the same order (sorted classes, sorted files), so a .beton written from a folder
+    gives the folder's samples; set ``.transform`` for another view."""
+    path = check_data(path, option)
+    if path.is_dir():
+        return image_folder(path, size)
+    return open_beton_images(path, option, eval_transform(size))
+
+
+def data_classes(path: str | Path, option: str) -> tuple[list[str] | None, int, str | None]:
+    """(class names or None, number of classes, note or None) of an ImageFolder root or a .beton.
+
+    A folder's classes are its sorted sub-folders; a .beton's come from its sidecar <file>.json, or, without
+    one, are unnamed and counted as the largest label + 1 (with a note saying so).
+    """
+    path = check_data(path, option)
+    if path.is_dir():
+        names = folder_classes(path)
+        return names, len(names), None
+    data = open_beton_images(path, option)
+    return data.classes, data.num_classes, data.note and f"{option}: {data.note}"
+
+
+def check_classes(train: str | Path, val: str | Path) -> tuple[int, list[str]]:
+    """(number of classes, notes) for ``--train`` / ``--val`` data (folders or .betons, mixed as you like).
+
+    When both name their classes, the names must be the same in the same order (labels are class indices);
+    when one does not (a .beton without sidecar), the count is the larger of the two and any named side must
+    cover the other's labels. Errors say which option is wrong.
+    """
+    train_names, train_n, train_note = data_classes(train, "--train")
+    val_names, val_n, val_note = data_classes(val, "--val")
+    if train_names is not None and val_names is not None:
+        if train_names != val_names:
+            # ImageFolder numbers classes by sorted folder name, so differing sets would shift every label.
+            raise ValueError(
+                f"--train {train} and --val {val} have different classes ({len(train_names)}: "
+                f"{_shown(train_names)} vs {len(val_names)}: {_shown(val_names)}; class folders, or the classes "
+                "in a .beton's <file>.json); they must match for the labels to line up"
+            )
+        return train_n, []
+    for option, names, path, other_n, other in (("--train", train_names, train, val_n, "--val"),
+                                                 ("--val", val_names, val, train_n, "--train")):
+        if names is not None and other_n > len(names):
+            raise ValueError(f"{other} has labels up to {other_n - 1} but {option} {path} has only {len(names)} "
+                             "classes: they do not number their classes the same way")
+    return max(train_n, val_n), [n for n in (train_note, val_note) if n]
+
+
+def _shown(names: list[str], first: int = 5) -> str:
+    return ", ".join(names[:first]) + (", ..." if len(names) > first else "")
+
+
 @torch.no_grad()
 def compute_features(trunk: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
                      progress: Progress | None = None, description: str = "features") -> tuple[torch.Tensor,
@@ -140,8 +226,8 @@ def extract_features(
     workers: int = 0,
     device: str | torch.device = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of every image in an ImageFolder: (float32 [N, D] L2-normalised rows, int64 [N] labels)."""
-    dataset = image_folder(folder, size)
+    """Features of every image in an ImageFolder or .beton: (float32 [N, D] L2-normalised rows, int64 [N] labels)."""
+    dataset = eval_dataset(folder, size)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -256,8 +342,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Weighted kNN top-1 of frozen trunk features.")
     parser.add_argument("--trunk", required=True, help="trunk state_dict exported by train.py")
     parser.add_argument("--arch", default="resnet18", help="torchvision architecture (default resnet18)")
-    parser.add_argument("--train", required=True, type=Path, help="ImageFolder with the labelled bank")
-    parser.add_argument("--val", required=True, type=Path, help="ImageFolder with the images to classify")
+    parser.add_argument("--train", required=True, type=Path,
+                        help="labelled bank: ImageFolder root or .beton written by tools/write_ffcv.py")
+    parser.add_argument("--val", required=True, type=Path,
+                        help="images to classify: ImageFolder root or .beton written by tools/write_ffcv.py")
     parser.add_argument(
         "--size", type=int, default=224, help="centre-crop size fed to the trunk (default 224)"
     )
@@ -299,13 +387,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         console = Console(width=120)
 
     try:
-        train_classes, val_classes = folder_classes(args.train), folder_classes(args.val)
-        if train_classes != val_classes:
-            # ImageFolder numbers classes by sorted folder name, so differing sets would shift every label.
-            raise ValueError(
-                f"--train {args.train} and --val {args.val} have different class folders "
-                f"({len(train_classes)} vs {len(val_classes)}); they must match for the labels to line up"
-            )
+        n_classes, notes = check_classes(args.train, args.val)
+        for note in notes:
+            print(f"knn_eval: note: {note}", file=sys.stderr)
         trunks: list[tuple[str, str | None]] = [("trained", args.trunk)]
         if args.baseline:
             trunks.append((args.baseline_name, args.baseline))
@@ -322,9 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             val_feats, val_labels = extract_features(
                 model, args.val, args.size, args.batch_size, args.workers, device
             )
-            preds = knn_predict(
-                train_feats, train_labels, val_feats, args.k, args.temperature, len(train_classes)
-            )
+            preds = knn_predict(train_feats, train_labels, val_feats, args.k, args.temperature, n_classes)
             row = {"trunk": path, "top1": accuracy(preds, val_labels)}
             if args.few_labels:
                 mean, std = few_label_knn(
@@ -376,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "draws": args.draws,
             "n_train": n_train,
             "n_val": n_val,
-            "n_classes": len(train_classes),
+            "n_classes": n_classes,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"settings": settings, "results": results}, indent=2) + "\n")

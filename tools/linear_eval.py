@@ -8,6 +8,15 @@ uses 0.3 * (1 + cos(pi * e / epochs)) / 2. Training views: RandomResizedCrop(siz
 views: Resize(round(size * 256 / 224)) + CenterCrop(size); both normalised with mean (0.485, 0.456, 0.406),
 std (0.228, 0.224, 0.225). Top-1 and top-5 on --val after every --eval-every epochs and at the end.
 
+``--train`` and ``--val`` each take an ImageFolder root (<root>/<class>/<image>.jpg) or a ``.beton`` written by
+tools/write_ffcv.py, independently. A .beton is memory-mapped and each sample's stored JPEG bytes are decoded
+with PIL to an RGB image, exactly as ImageFolder decodes a file, then the same views as above: a .beton
+written from a folder (no file skipped) gives the folder's samples in its order, with its labels and pixels
+(for the images kept byte for byte; re-encoded ones are write_ffcv's documented exception), so the same
+figures. Class names of a .beton come from its sidecar ``<file>.beton.json``; both sets must name the same
+classes in the same order (a .beton without a sidecar has unnamed classes, counted as its largest label + 1,
+with a note).
+
 The validation features are computed once and reused every epoch: the trunk is frozen and the test view
 deterministic, so this is the protocol exactly, only faster. ``--precompute`` does the same for the training
 images, with the *test* view instead of random crops and flips: a deviation from the protocol (no
@@ -23,6 +32,9 @@ Usage::
 
     python tools/linear_eval.py --trunk runs/demo/trunk_resnet18.pth --train data/demo/digits/train \\
         --val data/demo/digits/val --size 32 --precompute --epochs 30
+    python tools/write_ffcv.py /data/imagenet/train /data/imagenet_train.beton
+    python tools/linear_eval.py --trunk runs/r50/trunk_resnet50.pth --train /data/imagenet_train.beton \\
+        --val /data/imagenet/val
 """
 
 from __future__ import annotations
@@ -51,9 +63,9 @@ from swav_fast.model import trunk_state_dict  # noqa: E402
 from tools.knn_eval import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
+    check_classes,
     compute_features,
-    folder_classes,
-    image_folder,
+    eval_dataset,
     load_trunk,
 )
 
@@ -73,18 +85,6 @@ def train_transform(size: int) -> transforms.Compose:
         transforms.ToTensor(),
         transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
     ])
-
-
-def check_folder(folder: str | Path, option: str) -> Path:
-    """The ImageFolder root given to ``option``; a clear error for an FFCV .beton file or a missing folder."""
-    folder = Path(folder)
-    if folder.suffix == ".beton":
-        raise ValueError(f"{option} {folder}: FFCV .beton input is not supported yet (it comes with the FFCV "
-                         "pipeline); pass an ImageFolder directory (<root>/<class>/<image>.jpg)")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{option} {folder}: no such directory; pass an ImageFolder root "
-                                "(<root>/<class>/<image>.jpg)")
-    return folder
 
 
 def load_eval_trunk(path: str | Path | None, arch: str | None = None,
@@ -181,17 +181,15 @@ def linear_eval(
     """
     if epochs < 1 or batch_size < 1 or eval_every < 1 or size < 1:
         raise ValueError("epochs, batch_size, eval_every and size must be at least 1")
-    train_dir, val_dir = check_folder(train_dir, "--train"), check_folder(val_dir, "--val")
-    classes = folder_classes(train_dir)
-    if classes != folder_classes(val_dir):
-        raise ValueError(f"--train {train_dir} and --val {val_dir} have different class folders; they must "
-                         "match for the labels to line up")
+    n_classes, notes = check_classes(train_dir, val_dir)  # each an ImageFolder root or a write_ffcv .beton
     device = torch.device(device)
     console = console or Console(stderr=True)
+    for note in notes:
+        console.print(f"note: {note}", highlight=False, soft_wrap=True)
     trunk = trunk.to(device).eval()
 
-    val_set = image_folder(val_dir, size)  # the test view (knn_eval.eval_transform)
-    train_set = image_folder(train_dir, size)
+    val_set = eval_dataset(val_dir, size, "--val")  # the test view (knn_eval.eval_transform)
+    train_set = eval_dataset(train_dir, size, "--train")
     if not precompute:
         train_set.transform = train_transform(size)
     pin = device.type == "cuda"
@@ -200,7 +198,6 @@ def linear_eval(
                                                pin_memory=pin, generator=generator,
                                                persistent_workers=workers > 0 and not precompute)
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, num_workers=workers, pin_memory=pin)
-    n_classes = len(classes)
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     history: list[dict] = []
@@ -280,8 +277,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "checkpoint (.pth.tar)")
     source.add_argument("--random-init", action="store_true", help="evaluate --arch at its seeded random init")
     parser.add_argument("--arch", help="torchvision architecture (default: read from --trunk)")
-    parser.add_argument("--train", required=True, type=Path, help="ImageFolder the classifier is trained on")
-    parser.add_argument("--val", required=True, type=Path, help="ImageFolder for top-1 / top-5")
+    parser.add_argument("--train", required=True, type=Path,
+                        help="data the classifier is trained on: ImageFolder root or .beton written by "
+                             "tools/write_ffcv.py")
+    parser.add_argument("--val", required=True, type=Path,
+                        help="data for top-1 / top-5: ImageFolder root or .beton written by tools/write_ffcv.py")
     parser.add_argument("--size", type=int, default=224, help="crop size (default 224; test resize size*256/224)")
     parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="default 100")
     parser.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="initial lr, cosine per epoch (default 0.3)")
@@ -316,8 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     console = Console(stderr=True)
     try:
-        check_folder(args.train, "--train")
-        check_folder(args.val, "--val")
+        check_classes(args.train, args.val)  # bad data fails before the trunk is loaded
         trunk, arch, kind = load_eval_trunk(None if args.random_init else args.trunk, args.arch, args.trust_pickle)
         mode = "precomputed test-view features (deviation)" if args.precompute else "faithful (augmented views)"
         print(f"linear eval: {arch} trunk ({kind}) from {args.trunk or 'random init'}, {args.epochs} epochs, "

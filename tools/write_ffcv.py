@@ -44,6 +44,11 @@ Two passes, both parallel over ``workers`` processes:
 The ``.beton`` is written under a temporary name in the output folder and renamed at the very end, after its
 sidecars (``<out>.json``, ``<out>.skipped.txt``); an existing output is replaced only with ``--force``.
 
+Reading back: :func:`read_beton_bytes` streams every sample through ffcv's Loader; :class:`BetonImages` is a
+map-style dataset of ``(PIL RGB image, label)`` that memory-maps the file and cuts each sample's bytes out of
+it on demand (tools/linear_eval.py and tools/knn_eval.py read ``--train``/``--val`` .beton files with it);
+:func:`open_beton` checks that a file is a write_ffcv ``.beton``.
+
 Usage::
 
     python tools/write_ffcv.py data/demo/photos/train data/demo/photos_train.beton [--max-side 512]
@@ -76,6 +81,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 if __package__ in (None, ""):  # run as `python tools/write_ffcv.py`: make `pipelines` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipelines.ffcv import HOW_TO_WRITE as _HOW_TO_WRITE  # noqa: E402
+from pipelines.ffcv import open_beton  # noqa: E402,F401 - re-exported: the tools open .beton files through it
 from pipelines.reference import DataError, scan_image_folder  # noqa: E402
 
 DEFAULT_MAX_SIDE = 512
@@ -455,23 +462,97 @@ def read_beton_bytes(path: str | Path, batch_size: int = 256) -> Iterator[tuple[
     row is cut to its sample's length from the file's metadata (``loader.reader.metadata``: one record per
     sample, field i under the name ``f{i}``, a BytesField as (ptr, size)).
     """
-    from ffcv.fields import BytesField, IntField
     from ffcv.fields.decoders import BytesDecoder, IntDecoder
     from ffcv.loader import Loader, OrderOption
 
+    open_beton(path)  # a clear error for a missing file, a non-.beton or other fields
     loader = Loader(str(path), batch_size=batch_size, num_workers=1, order=OrderOption.SEQUENTIAL,
                     drop_last=False,
                     pipelines={"image": [BytesDecoder()], "label": [IntDecoder()], "index": [IntDecoder()]})
     reader = loader.reader
-    types = dict(zip(reader.field_names, (type(h) for h in reader.handlers.values()), strict=True))
-    if types != {"image": BytesField, "label": IntField, "index": IntField}:
-        raise DataError(f"'{path}' is not a write_ffcv file: fields {types}")
     sizes = reader.metadata[f"f{reader.field_names.index('image')}"]["size"]
     pos = 0
     for images, labels, indices in loader:
         for j in range(len(labels)):
             yield images[j, :int(sizes[pos])].tobytes(), int(labels[j, 0]), int(indices[j, 0])
             pos += 1
+
+
+
+
+class BetonImages:
+    """Map-style dataset over a :func:`write_beton` file: ``(transform(PIL RGB image), label)`` per sample.
+
+    Samples are in file order (the ``index`` field), so a .beton written from an ImageFolder lists its images
+    in the order of torchvision's ``ImageFolder`` and with the same labels. The file is memory-mapped (lazily,
+    once per process: DataLoader workers each map it themselves) and ``__getitem__`` cuts the sample's JPEG
+    bytes out at ``(ptr, size)`` of the image field's record in ffcv's per-sample metadata (``ptr`` is an
+    absolute offset in the file), then decodes them as torchvision's ImageFolder loader decodes a file:
+    ``PIL.Image.open(...).convert("RGB")``. Only the metadata (4 numbers per sample) is held in memory.
+
+    Attributes: ``path``, ``transform`` (settable, as on ImageFolder), ``targets`` (int64 labels, file order),
+    ``classes`` (class names by label from the sidecar ``<file>.json``, or None when it is absent),
+    ``num_classes`` (``len(classes)``; without a sidecar ``max(label) + 1``), ``note`` (None, or a line to
+    show the user when the class names had to be guessed).
+    """
+
+    def __init__(self, path: str | Path, transform=None):
+        self.path = Path(path)
+        self.transform = transform
+        md = open_beton(self.path).metadata
+        self.ptrs = np.ascontiguousarray(md["f0"]["ptr"], dtype=np.int64)
+        self.sizes = np.ascontiguousarray(md["f0"]["size"], dtype=np.int64)
+        self.targets = np.ascontiguousarray(md["f1"], dtype=np.int64)
+        index = md["f2"]
+        if not np.array_equal(index, np.arange(len(index))):
+            raise DataError(f"'{self.path}' has an index field that is not 0..{len(index) - 1} in file order: not "
+                            f"a file of tools/write_ffcv.py; {_HOW_TO_WRITE}")
+        if len(self.targets) and self.targets.min() < 0:
+            raise DataError(f"'{self.path}' has negative labels: not a file of tools/write_ffcv.py")
+        self.classes, self.note = self._read_classes()
+        self.num_classes = len(self.classes) if self.classes is not None else int(self.targets.max(initial=-1)) + 1
+        self._map: np.memmap | None = None
+
+    def _read_classes(self) -> tuple[list[str] | None, str | None]:
+        meta_path, _ = sidecar_paths(self.path)
+        top = int(self.targets.max(initial=-1))
+        if not meta_path.is_file():
+            return None, (f"{self.path} has no sidecar {meta_path.name}: class names unknown, {top + 1} classes "
+                          "taken from the largest label + 1")
+        try:
+            meta = json.loads(meta_path.read_text())
+            mapping = meta["classes"]
+            by_label = {int(v): str(k) for k, v in mapping.items()}
+            written = int(meta["beton"]["num_samples"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise DataError(f"sidecar '{meta_path}' cannot be read as the <file>.json of tools/write_ffcv.py "
+                            f"({_one_line(f'{type(exc).__name__}: {exc}')}); write the .beton again with "
+                            "tools/write_ffcv.py, or remove the sidecar") from exc
+        # ImageFolder sources number their classes 0..n-1; integer CSV labels may leave gaps, named by number
+        n = max(by_label, default=-1) + 1
+        if written != len(self.targets) or len(by_label) != len(mapping) or min(by_label, default=0) < 0 or top >= n:
+            raise DataError(f"sidecar '{meta_path}' does not describe '{self.path}' ({written} samples, "
+                            f"{len(mapping)} classes; the file has {len(self.targets)} samples, labels up to "
+                            f"{top}); write the .beton again with tools/write_ffcv.py")
+        return [by_label.get(i, str(i)) for i in range(n)], None
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getstate__(self) -> dict:  # never pickle the mapping (spawned workers map the file themselves)
+        return {**self.__dict__, "_map": None}
+
+    def read_bytes(self, i: int) -> bytes:
+        """The stored JPEG bytes of sample ``i``."""
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        ptr, size = int(self.ptrs[i]), int(self.sizes[i])
+        return self._map[ptr:ptr + size].tobytes()
+
+    def __getitem__(self, i: int):
+        with Image.open(io.BytesIO(self.read_bytes(i))) as im:
+            image = im.convert("RGB")
+        return (image if self.transform is None else self.transform(image)), int(self.targets[i])
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
