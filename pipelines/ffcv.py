@@ -142,6 +142,16 @@ def quasi_random_order(page_of_sample: np.ndarray, seed: int, epoch: int, rank: 
     return order[:min(per_rank)]
 
 
+def pack_rows(rows: np.ndarray, sizes: np.ndarray, out: torch.Tensor) -> list[torch.Tensor]:
+    """Copy row j's first sizes[j] bytes of `rows` [B, L] back to back into the uint8 tensor `out`; the views."""
+    host, views, pos = out.numpy(), [], 0
+    for j, s in enumerate(sizes.tolist()):
+        host[pos:pos + s] = rows[j, :s]
+        views.append(out[pos:pos + s])
+        pos += s
+    return views
+
+
 def _traversal_order_class():
     """A ffcv TraversalOrder that hands FFCV the order we computed (ffcv is imported lazily)."""
     from ffcv.traversal_order.base import TraversalOrder
@@ -245,21 +255,14 @@ class FFCVLoader:
         if self.device.type != "cuda":
             return [torch.from_numpy(images[j, :s]) for j, s in enumerate(sizes.tolist())]
         slot, self._slot = self._slot, 1 - self._slot
-        total = int(sizes.sum())
         buf = self._staging[slot]
-        if buf is None or buf.numel() < total:
-            buf = torch.empty(max(total, 2 * (buf.numel() if buf is not None else 0)), dtype=torch.uint8,
+        if buf is None or buf.numel() < int(sizes.sum()):
+            buf = torch.empty(max(int(sizes.sum()), 2 * (buf.numel() if buf is not None else 0)), dtype=torch.uint8,
                               pin_memory=True)
             self._staging[slot] = buf
         elif self._staged[slot] is not None:
             self._staged[slot].synchronize()  # the decode that read this buffer two batches ago is done
-        host = buf.numpy()
-        out, pos = [], 0
-        for j, s in enumerate(sizes.tolist()):
-            host[pos:pos + s] = images[j, :s]
-            out.append(buf[pos:pos + s])
-            pos += s
-        return out
+        return pack_rows(images, sizes, buf)
 
     def decode(self, data: list[torch.Tensor], idx: np.ndarray) -> tuple[list[torch.Tensor], list[str]]:
         """Decode a batch in one call; a sample that fails is replaced by the next good one of the batch."""

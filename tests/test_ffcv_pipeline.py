@@ -274,3 +274,38 @@ def test_host_batches_hand_over_the_exact_bytes(beton):
             assert d.numpy().tobytes() == truth[int(i)]
             n += 1
     assert n == 48
+
+
+def test_pack_rows_packs_exact_prefixes():
+    from pipelines.ffcv import pack_rows
+
+    rows = np.random.default_rng(0).integers(0, 256, size=(4, 50), dtype=np.uint8)
+    sizes = np.array([50, 3, 0, 17])
+    out = torch.full((100,), 7, dtype=torch.uint8)
+    views = pack_rows(rows, sizes, out)
+    assert [v.numpy().tobytes() for v in views] == [rows[j, :s].tobytes() for j, s in enumerate(sizes)]
+    assert out[:70].numpy().tobytes() == b"".join(rows[j, :s].tobytes() for j, s in enumerate(sizes))
+    assert (out[70:] == 7).all()  # nothing written past the packed bytes
+
+
+def test_profile_pipeline_cli(photo_folder, beton, tmp_path, capsys):
+    """The profiler runs reference and ffcv on the same images and prints both tables with figures from the run."""
+    import json
+
+    from tools import profile_pipeline
+
+    out = tmp_path / "p.json"
+    rc = profile_pipeline.main(["--data", str(photo_folder), "--beton", str(beton), "--pipelines", "reference",
+                                "ffcv", "--batch-size", "8", "--batches", "2", "--warmup", "1", "--workers", "0",
+                                "--sizes", "48", "24", "--counts", "2", "3", "--host-cost", "8", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "reference" in text and "ffcv" in text and "host CPU time per sample" in text
+    rep = json.loads(out.read_text())
+    assert [r["pipeline"] for r in rep["rows"]] == ["reference", "ffcv"]
+    for r in rep["rows"]:
+        assert r["samples_per_s"] > 0 and r["crops_per_s"] == pytest.approx(5 * r["samples_per_s"])
+    ffcv_row = rep["rows"][1]
+    assert ffcv_row["decode_ms_per_batch"] > 0 and ffcv_row["augment_ms_per_batch"] > 0
+    assert rep["host_cost"]["ffcv"]["samples"] == 16 and rep["host_cost"]["reference"]["samples"] == 8
+    assert 0 < rep["host_cost"]["ffcv"]["cpu_ms_per_sample"]
