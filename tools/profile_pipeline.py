@@ -7,6 +7,8 @@ Table 1 (throughput): for each pipeline (reference = the official PIL chain in D
 ffcv = .beton bytes -> one batched decode_jpeg -> gpu_augment; dali = NVIDIA DALI), after --warmup batches, the
 wall time of --batches batches: samples/s, crops/s, ms per batch, and for ffcv the split between decode and
 augmentation (timed separately, with a device sync between the two on CUDA: the split costs a little speed).
+The first row, "decode+augment", is the ffcv path's device work alone on JPEG bytes already in memory: what the
+GPU has to sustain, measurable where ffcv is not installed (the GPU machine).
 
 Table 2 (host cost per sample, the figure that says whether a GPU run is CPU-bound): the CPU time (process time,
 all threads) the FFCV path spends per sample with the device work excluded: FFCV's Loader copying the bytes out of
@@ -102,6 +104,43 @@ def time_ffcv_split(loader, device: torch.device, batches: int, warmup: int) -> 
         epoch += 1
     return {"host_ms_per_batch": 1000 * t_host / batches, "decode_ms_per_batch": 1000 * t_dec / batches,
             "augment_ms_per_batch": 1000 * t_aug / batches}
+
+
+def time_device_side(data: str, spec: MultiCropSpec, device: torch.device, batch: int, batches: int, warmup: int,
+                     resample: str) -> dict:
+    """The device work of the ffcv path alone (decode_jpeg of a batch + gpu_augment), on JPEG bytes read into
+    memory beforehand from the ImageFolder: what the GPU must sustain, measurable without ffcv installed."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from pipelines.gpu_augment import GPUMultiCrop, augment_generator
+    from pipelines.reference import scan_image_folder
+
+    blobs = []
+    for path, _ in scan_image_folder(data)[0]:
+        b = Path(path).read_bytes()
+        if b[:2] == b"\xff\xd8":  # JPEG only, as in a .beton
+            blobs.append(torch.frombuffer(bytearray(b), dtype=torch.uint8))
+        if len(blobs) >= batch * (batches + warmup):
+            break
+    if not blobs:
+        raise ValueError(f"no JPEG files in {data}")
+    augment = GPUMultiCrop(spec, resample=resample)
+    t_dec = t_aug = 0.0
+    for k in range(batches + warmup):
+        data_k = [blobs[(k * batch + j) % len(blobs)] for j in range(batch)]
+        t0 = time.perf_counter()
+        images = decode_jpeg(data_k, mode=ImageReadMode.RGB, device=device.type if device.type == "cpu" else device)
+        _sync(device)
+        t1 = time.perf_counter()
+        augment(images, augment_generator(0, 0, 0, k, device))
+        _sync(device)
+        t2 = time.perf_counter()
+        if k >= warmup:
+            t_dec, t_aug = t_dec + t1 - t0, t_aug + t2 - t1
+    dt = t_dec + t_aug
+    return {"pipeline": "decode+augment", "samples_per_s": batch * batches / dt,
+            "crops_per_s": batch * batches * spec.n_crops / dt, "ms_per_batch": 1000 * dt / batches,
+            "decode_ms_per_batch": 1000 * t_dec / batches, "augment_ms_per_batch": 1000 * t_aug / batches}
 
 
 def ffcv_host_cost(loader, batches: int, warmup: int) -> dict:
@@ -222,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         write_beton(args.data, beton, progress=False)
 
     rows, notes = [], []
+    print("profiling the device side alone (decode + augment) ...", file=sys.stderr)
+    rows.append(time_device_side(args.data, spec, device, args.batch_size, args.batches, args.warmup,
+                                 base.gpu_resample))
     for name in args.pipelines:
         why = available(name)
         if why:
