@@ -28,12 +28,12 @@ from pipelines.spec import MultiCropSpec
 from swav_fast import checkpoint as ckpt
 from swav_fast import guards, interop
 from swav_fast.config import ConfigError, parse_config, to_toml, trimmed_queue_length
-from swav_fast.distributed import DistInfo, init_distributed, shutdown, world_size_from_env
+from swav_fast.distributed import DistInfo, broadcast_module_, init_distributed, shutdown, world_size_from_env
 from swav_fast.guards import CollapseMonitor
 from swav_fast.model import SwAVModel
 from swav_fast.optim import LARS, lr_schedule
 from swav_fast.queue import EmbeddingQueue
-from swav_fast.step import compiled_step_core, train_step
+from swav_fast.step import GraphStep, compiled_step_core, train_step
 
 
 def git_revision() -> str:
@@ -143,17 +143,23 @@ def main(argv: list[str] | None = None) -> int:
         # the exact starting point, for "before vs after" evaluations (tools/knn_eval.py --baseline)
         ckpt.export_trunk(model.state_dict(), run_dir / f"trunk_init_{cfg.arch}.pth")
     core = model
-    if info.world_size > 1:
+    # eager: DDP (its bucketed all-reduce overlaps backward); compile, graph: the step all-reduces the gradients
+    # itself, so that it stays one graph
+    grad_group = info.group if cfg.step_mode != "eager" else None
+    if info.world_size > 1 and grad_group is None:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[info.local_rank] if on_cuda else None)
+    else:
+        broadcast_module_(core, grad_group)  # as DDP does when it wraps: every rank starts from rank 0's weights
 
     if cfg.sinkhorn_impl == "triton" and not on_cuda:
         log("[bold red]config error:[/] --sinkhorn_impl triton needs CUDA; use the reference on CPU")
         return 2
-    if cfg.step_mode == "compile" and info.world_size > 1:
-        log("[bold red]config error:[/] --step_mode compile runs single-process for now (DDP's bucketed all-reduce "
-            "breaks the full graph); use eager with torchrun")
+    if cfg.step_mode == "graph" and not on_cuda:
+        log("[bold red]config error:[/] --step_mode graph captures the step as a CUDA graph and needs CUDA; use "
+            "eager or compile on CPU")
         return 2
-    step_core = compiled_step_core() if cfg.step_mode == "compile" else None
+    step_core = (compiled_step_core() if cfg.step_mode == "compile" else GraphStep() if cfg.step_mode == "graph"
+                 else None)
 
     # ============================== optimiser ==============================
     optimizer = LARS(model.parameters(), lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.wd,
@@ -279,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                     lr = float(lrs[min(iteration, len(lrs) - 1)])  # a resume with fewer steps per epoch
                     crops = batch.crops if channels_last else [c.contiguous() for c in batch.crops]
                     loss = train_step(model, optimizer, crops, lr, iteration, cfg, queue, info.group, autocast,
-                                      step_core)
+                                      step_core, grad_group)
                     recent[n_recent] = loss
                     n_recent += 1
                     iteration += 1

@@ -86,9 +86,10 @@ class Config:
     channels_last: bool = _f(True, "channels_last memory format on CUDA (on CPU it is slower, so not used there)")
     sinkhorn_impl: str = _f("reference", "Sinkhorn: the pure-torch reference, or the fused Triton kernel (CUDA only)",
                             choices=("reference", "triton"))
-    step_mode: str = _f("eager", "eager, or compile: the whole step (forward, backward, LARS, queue) as one "
-                        "torch.compile(fullgraph=True) graph, same numbers; single process for now",
-                        choices=("eager", "compile"))
+    step_mode: str = _f("eager", "eager (DDP with several ranks); compile: the whole step (forward, backward, "
+                        "gradient all-reduce, LARS, queue) as one torch.compile(fullgraph=True) graph; graph (CUDA "
+                        "only): the same step captured once as a CUDA graph and replayed; same numbers in all three",
+                        choices=("eager", "compile", "graph"))
     # ----- run -----
     run_dir: str = _f("runs/swav", "directory for checkpoints, metrics, config and the exported trunk")
     resume: str = _f("", "'auto': continue from run_dir's checkpoint (with the run's saved config.toml as the base "

@@ -49,3 +49,34 @@ def init_distributed(device: str = "auto") -> DistInfo:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def average_gradients_(grads: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
+    """Average gradients over the ranks of `group` in place, with one all_reduce; a no-op without a group.
+
+    What DDP does, minus its hooks and buckets, so a step can run it as plain tensor code between backward and
+    the optimiser: copy every gradient into one flat buffer (all fp32 here), scale by 1/world (DDP multiplies by
+    the same factor before its sum), all-reduce the sum, copy back. No host sync and fixed shapes: torch.compile
+    traces it in a full graph (dynamo turns dist.all_reduce into a functional collective; tested on 2 gloo
+    ranks), and a CUDA graph can capture it on NCCL >= 2.9.6 (PyTorch's CUDA-graph notes; not yet run on GPUs).
+    One buffer rather than DDP's 25 MB buckets: after backward there is no computation left to overlap buckets
+    with, so one call per step (ResNet-50 + head + prototypes: 28.4 M values, 113 MB) has the least per-call overhead.
+    """
+    if group is None:
+        return
+    if len({g.dtype for g in grads}) != 1:
+        raise ValueError(f"average_gradients_ needs one gradient dtype, got {sorted({str(g.dtype) for g in grads})}")
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat.mul_(1.0 / dist.get_world_size(group))
+    dist.all_reduce(flat, group=group)
+    torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads,
+                                                                     strict=True)])
+
+
+@torch.no_grad()
+def broadcast_module_(module: torch.nn.Module, group: dist.ProcessGroup | None, src: int = 0) -> None:
+    """Rank src's parameters and buffers on every rank (what DDP does when it wraps a model); once, at setup."""
+    if group is None:
+        return
+    for t in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(t, src, group=group)

@@ -1,8 +1,12 @@
-"""One SwAV optimisation step: normalise prototypes, forward, codes, loss, backward, freeze, LARS, queue push.
+"""One SwAV optimisation step: normalise prototypes, forward, codes, loss, backward, gradient all-reduce, freeze,
+LARS, queue push.
 
 train_step (host) turns host integers (the step index against the freeze window, the queue's fill count) into
 two booleans; step_core (tensors) does the rest with no `.item()` and no Python branch on a tensor value, so it
 never waits for the device and runs eager or as one torch.compile(fullgraph=True) graph with the same numbers.
+With several ranks, step_core averages the gradients itself (one all-reduce, `grad_group`) instead of relying
+on DDP's backward hooks, so the compiled step stays one graph and a CUDA graph can capture it. GraphStep is
+--step_mode graph: the two host decisions become device flags and the whole step is one captured CUDA graph.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from swav_fast.distributed import average_gradients_
 from swav_fast.loss import swapped_prediction_loss
 from swav_fast.model import SwAVModel
 from swav_fast.optim import LARS
@@ -43,14 +48,21 @@ def assignment_codes(scores: torch.Tensor, z: torch.Tensor, prototypes: torch.Te
 
 @torch.no_grad()
 def _codes(scores: torch.Tensor, z: torch.Tensor, prototypes: torch.Tensor, queue: torch.Tensor | None,
-           in_use: bool, crops_for_assign: list[int], bs: int, eps: float, n_iters: int,
+           in_use: bool | torch.Tensor, crops_for_assign: list[int], bs: int, eps: float, n_iters: int,
            process_group: dist.ProcessGroup | None, sinkhorn_fn=sinkhorn) -> list[torch.Tensor]:
+    """`in_use` is a host bool (eager, compile) or a 0-dim bool device tensor (graph mode): then both codes are
+    computed, with and without the queue, and the flag selects one on the device (torch.where picks exactly)."""
     codes = []
     for i, c in enumerate(crops_for_assign):
         out = scores[c * bs:(c + 1) * bs]
-        if queue is not None and in_use:
-            out = torch.cat((block_scores(queue[i], prototypes), out))
-        codes.append(sinkhorn_fn(out, eps, n_iters, process_group)[-bs:])
+        if queue is None or (not isinstance(in_use, torch.Tensor) and not in_use):
+            codes.append(sinkhorn_fn(out, eps, n_iters, process_group))
+            continue
+        with_queue = sinkhorn_fn(torch.cat((block_scores(queue[i], prototypes), out)), eps, n_iters,
+                                 process_group)[-bs:]
+        if isinstance(in_use, torch.Tensor):
+            with_queue = torch.where(in_use, with_queue, sinkhorn_fn(out, eps, n_iters, process_group))
+        codes.append(with_queue)
     if queue is not None:
         # Pushing after all codes equals the official per-crop order: block i's push touches only block i.
         push_(queue, [z[c * bs:(c + 1) * bs] for c in crops_for_assign])
@@ -76,29 +88,42 @@ def compiled_step_core(backend: str = "inductor"):
 
 def train_step(model: nn.Module, optimizer: LARS, crops: list[torch.Tensor], lr: float, iteration: int, cfg,
                queue: EmbeddingQueue | None = None, process_group: dist.ProcessGroup | None = None,
-               autocast: contextlib.AbstractContextManager | None = None, core=None) -> torch.Tensor:
+               autocast: contextlib.AbstractContextManager | None = None, core=None,
+               grad_group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Runs one step and returns the loss as a detached device tensor (reading it is the caller's sync).
 
     The host part decides, from host integers only, whether the queue is in use and whether the prototypes
-    are frozen, and keeps the host counters; `core` (step_core, or a torch.compile of it) does the tensor work.
+    are frozen, and keeps the host counters; `core` (step_core, or a torch.compile of it) does the tensor work,
+    or, if it is a GraphStep, replays the captured step. `grad_group`: average the gradients over its ranks
+    inside the step (for a model not wrapped in DDP); None with DDP or with one process.
     """
+    if grad_group is not None and isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError("grad_group averages the gradients inside the step; a DDP model already averages them")
     if optimizer.param_groups[0]["params"][0].grad is None:  # first step, or just resumed
         optimizer.prepare()
     for group in optimizer.param_groups:
         group["lr"] = lr  # host bookkeeping (state_dict); the update reads the device copy below
+    if isinstance(core, GraphStep):
+        return core(model, optimizer, crops, lr, iteration, cfg, queue, process_group, autocast, grad_group)
+    autocast = autocast or contextlib.nullcontext()
     lr_t = torch.full((), lr, dtype=torch.float32, device=crops[0].device)
     loss = (core or step_core)(model, optimizer, crops, lr_t, cfg, queue.buffer if queue is not None else None,
                                queue is not None and queue.in_use, iteration < cfg.freeze_prototypes_niters,
-                               process_group, autocast or contextlib.nullcontext())
+                               process_group, autocast, grad_group)
     if queue is not None:
         queue.n_pushed += 1
     return loss
 
 
 def step_core(model: nn.Module, optimizer: LARS, crops: list[torch.Tensor], lr: torch.Tensor, cfg,
-              queue_buffer: torch.Tensor | None, queue_in_use: bool, frozen: bool,
-              process_group: dist.ProcessGroup | None, autocast: contextlib.AbstractContextManager) -> torch.Tensor:
-    """The tensor work of one step: a function of static tensors and two host booleans, no host sync."""
+              queue_buffer: torch.Tensor | None, queue_in_use: bool | torch.Tensor, frozen: bool | torch.Tensor,
+              process_group: dist.ProcessGroup | None, autocast: contextlib.AbstractContextManager,
+              grad_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The tensor work of one step: a function of static tensors and two flags, no host sync.
+
+    The flags are host bools (a torch.compile graph specialises on them) or 0-dim bool device tensors (one
+    CUDA graph serves every phase). `grad_group`: the gradients are averaged over its ranks after backward.
+    """
     core = unwrap(model)
     core.normalize_prototypes()
     with autocast:
@@ -111,10 +136,122 @@ def step_core(model: nn.Module, optimizer: LARS, crops: list[torch.Tensor], lr: 
 
     optimizer.zero_grads_()
     loss.backward()
-    if frozen:
-        # The official code sets these grads to None. A zero grad gives the same parameters under LARS
-        # (||g|| = 0: no LARC scaling, no weight decay; momentum stays 0) and keeps the set of updated
-        # tensors the same at every step, which a captured step needs.
-        torch._foreach_zero_([p.grad for p in core.prototypes.parameters()])
+    average_gradients_([p.grad for g in optimizer.param_groups for p in g["params"]], grad_group)
+    # The official code sets these grads to None. A zero grad gives the same parameters under LARS
+    # (||g|| = 0: no LARC scaling, no weight decay; momentum stays 0) and keeps the set of updated
+    # tensors the same at every step, which a captured step needs.
+    proto_grads = [p.grad for p in core.prototypes.parameters()]
+    if isinstance(frozen, torch.Tensor):
+        for g in proto_grads:
+            g.masked_fill_(frozen, 0.0)
+    elif frozen:
+        torch._foreach_zero_(proto_grads)
     optimizer.update(lr)
     return loss.detach()
+
+
+class GraphStep:
+    """--step_mode graph: forward, backward, gradient all-reduce, LARS update and queue push as one CUDA graph.
+
+    The host side is this small class: static input buffers that each step's crops are copied into, the
+    learning rate and the two host decisions (queue in use, prototypes frozen) as 0-dim device tensors filled
+    before each replay (fill_ with a host scalar: a kernel argument, no sync), and the host counters. The
+    first `warmup` steps run step_core eagerly on a side stream (real training steps on real data, as in the
+    PyTorch docs' whole-network capture: cuDNN/cuBLAS and the allocator settle before capture), the next one
+    is captured and then replayed, every later step is copy-in + replay. A new queue (created at
+    epoch_queue_starts), model, optimiser, group or crop shape starts over: warm-up, capture (a second capture
+    per run at most, in train.py).
+
+    Flags rather than one graph per phase: one capture and one private memory pool (each pool holds a whole
+    step's activations), and the phase changes (end of the freeze window, queue filling up) happen mid-run with
+    no extra warm-up; the cost is computing the codes with and without the queue every step (the smaller
+    Sinkhorn is a few % of the larger one) and a masked_fill on the prototype gradient.
+
+    capture=False replaces capture and replay by a direct call of the same function on the same static
+    tensors, so the host logic runs and is tested on CPU. Autocast runs with its weight-cast cache off inside
+    the step (make_graphed_callables requires that too; the numbers are the same, a cast is recomputed).
+    """
+
+    def __init__(self, capture: bool = True, warmup: int = 3):
+        self.capture, self.warmup = capture, warmup
+        self.n_captures = 0  # graphs captured (or, with capture=False, pretend captures) so far
+        self._bound: tuple | None = None
+        self._replay = None
+
+    def __call__(self, model: nn.Module, optimizer: LARS, crops: list[torch.Tensor], lr: float, iteration: int, cfg,
+                 queue: EmbeddingQueue | None, process_group: dist.ProcessGroup | None,
+                 autocast: contextlib.AbstractContextManager | None, grad_group: dist.ProcessGroup | None
+                 ) -> torch.Tensor:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError("GraphStep needs the bare model (it all-reduces the gradients itself, pass grad_group)")
+        if self.capture and crops[0].device.type != "cuda":
+            raise ValueError(f"GraphStep captures CUDA graphs; the crops are on {crops[0].device}")
+        bound = (model, optimizer, cfg, queue, queue.buffer if queue is not None else None, process_group,
+                 grad_group, autocast, tuple((c.shape, c.stride(), c.dtype, c.device) for c in crops))
+        if (self._bound is None or bound[-1] != self._bound[-1]
+                or any(a is not b for a, b in zip(bound[:-1], self._bound[:-1], strict=True))):
+            self._start(bound, crops, autocast)
+        for static, c in zip(self._crops, crops, strict=True):
+            static.copy_(c)
+        self._lr.fill_(lr)
+        self._in_use.fill_(queue is not None and queue.in_use)
+        self._frozen.fill_(iteration < cfg.freeze_prototypes_niters)
+        if self._replay is not None:
+            self._replay()
+        elif self._n_warm < self.warmup:
+            self._warm_step()
+        else:
+            self._capture()
+            self._replay()
+        if queue is not None:
+            queue.n_pushed += 1
+        return self._loss.clone()  # the graph's output tensor is overwritten by the next replay
+
+    def _start(self, bound: tuple, crops: list[torch.Tensor], autocast) -> None:
+        self._replay = self._loss = None  # frees the previous graph and its pool
+        self._bound = bound
+        self._crops = [torch.empty_like(c) for c in crops]  # same shape, strides (channels_last) and device
+        device = crops[0].device
+        self._lr = torch.zeros((), dtype=torch.float32, device=device)
+        self._in_use = torch.zeros((), dtype=torch.bool, device=device)
+        self._frozen = torch.zeros((), dtype=torch.bool, device=device)
+        if isinstance(autocast, torch.autocast):
+            autocast = torch.autocast(autocast.device, dtype=autocast.fast_dtype, enabled=autocast._enabled,
+                                      cache_enabled=False)
+        self._autocast = autocast or contextlib.nullcontext()
+        self._n_warm = 0
+        optimizer = bound[1]
+        if optimizer.param_groups[0]["params"][0].grad is None:
+            optimizer.prepare()  # grads and momentum outside the graph's pool: they live across replays
+
+    def _body(self) -> torch.Tensor:
+        model, optimizer, cfg, _, buffer, process_group, grad_group, _, _ = self._bound
+        return step_core(model, optimizer, self._crops, self._lr, cfg, buffer, self._in_use, self._frozen,
+                         process_group, self._autocast, grad_group)
+
+    def _warm_step(self) -> None:
+        self._n_warm += 1
+        if not self.capture:
+            self._loss = self._body()
+            return
+        side = torch.cuda.Stream()  # as the PyTorch docs warm up before capture
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._loss = self._body()
+        torch.cuda.current_stream().wait_stream(side)
+
+    def _capture(self) -> None:
+        self.n_captures += 1
+        if not self.capture:
+            def call() -> None:
+                self._loss = self._body()
+
+            self._replay = call
+            return
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the loader's threads may pin host memory (cudaHostAlloc) meanwhile, which "global" capture
+        # turns into an error in those threads; the step's own kernels (backward's included) are captured anyway,
+        # capture follows the stream
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self._loss = self._body()
+        self._replay = graph.replay

@@ -6,6 +6,10 @@
 For each mode: time per step (CUDA events after warm-up on GPU, wall clock on CPU), samples/s, host syncs per
 step (ops that hand a tensor value to Python, counted by a dispatch mode: on a GPU each one waits for the
 device), ATen ops dispatched per step (a proxy for kernel launches), and peak memory on CUDA.
+Modes: official, eager, compile (torch.compile, inductor), and on CUDA graph (GraphStep: the whole step as one
+captured CUDA graph; its ATen ops are the host-side copy-in of the crops, lr and flag fills and the loss clone,
+while the step's kernels go out in one graph launch). The graph mode is UNVERIFIED: written without a GPU and not
+yet run on one (tools/gpu_suite.sh runs it).
 The official-style step is facebookresearch/swav's loop body: a Python `if` on the queue's last row, apex
 LARC's `if` on two norms per parameter, prototype grads set to None, `loss.item()` every step.
 """
@@ -35,7 +39,7 @@ from swav_fast.model import SwAVModel  # noqa: E402
 from swav_fast.optim import LARS  # noqa: E402
 from swav_fast.queue import EmbeddingQueue  # noqa: E402
 from swav_fast.sinkhorn import sinkhorn  # noqa: E402
-from swav_fast.step import compiled_step_core, train_step  # noqa: E402
+from swav_fast.step import GraphStep, compiled_step_core, train_step  # noqa: E402
 
 # Ops whose result must reach the host (a CPU-GPU sync on CUDA): scalar reads and data-dependent shapes.
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique_consecutive", "_unique2", "repeat_interleave"}
@@ -115,6 +119,10 @@ def synthetic_crops(batch: int, sizes: list[int], counts: list[int], device: tor
 
 def profile(mode: str, cfg: Config, device: torch.device, batch: int, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
+    if device.type == "cuda":
+        # A graph replay allocates nothing (its private pool was filled at capture): its peak is taken over the
+        # whole run, warm-up and capture included; the other modes' peak over the timed steps, as before.
+        torch.cuda.reset_peak_memory_stats()
     model = SwAVModel(cfg.arch, cfg.hidden_mlp, cfg.feat_dim, cfg.nmb_prototypes).to(device)
     on_cuda = device.type == "cuda"
     if on_cuda:
@@ -135,8 +143,10 @@ def profile(mode: str, cfg: Config, device: torch.device, batch: int, steps: int
     else:
         optimizer = LARS(model.parameters(), lr=0.1, momentum=cfg.momentum, weight_decay=cfg.wd,
                          trust_coefficient=cfg.lars_trust)
-        core = compiled_step_core() if mode == "compile" else None
+        core = compiled_step_core() if mode == "compile" else GraphStep() if mode == "graph" else None
         run = lambda it: train_step(model, optimizer, crops, 0.1, it, cfg, queue, None, autocast, core)  # noqa: E731
+        if mode == "graph":  # its own warm-up steps, then the capture: the counted and timed steps are replays
+            warmup = max(warmup, core.warmup + 1)
     # iterations past the freeze window: the steady state
     it0 = cfg.freeze_prototypes_niters
     for i in range(warmup):
@@ -149,7 +159,8 @@ def profile(mode: str, cfg: Config, device: torch.device, batch: int, steps: int
     times = []
     if on_cuda:
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        if mode != "graph":
+            torch.cuda.reset_peak_memory_stats()
     for i in range(steps):
         if on_cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -179,14 +190,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--counts", type=int, nargs="+", default=[2, 6])
     p.add_argument("--prototypes", type=int, default=3000)
     p.add_argument("--queue", type=int, default=3840, help="queue rows (0: none)")
-    p.add_argument("--modes", nargs="+", default=["official", "eager", "compile"],
-                   choices=("official", "eager", "compile"))
+    p.add_argument("--modes", nargs="+", default=None, choices=("official", "eager", "compile", "graph"),
+                   help="default: all of them (graph only on CUDA)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device visible")
+    if args.modes is None:
+        args.modes = ["official", "eager", "compile"] + (["graph"] if args.device == "cuda" else [])
+    if "graph" in args.modes and args.device != "cuda":
+        p.error("--modes graph captures a CUDA graph and needs --device cuda")
     cfg = Config(arch=args.arch, nmb_crops=args.counts, size_crops=args.sizes, nmb_prototypes=args.prototypes,
                  min_scale_crops=[0.5] * len(args.sizes), max_scale_crops=[1.0] * len(args.sizes),
                  queue_length=args.queue, batch_size=args.batch, freeze_prototypes_niters=0)
