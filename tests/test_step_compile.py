@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -101,8 +102,27 @@ def test_profile_step_cli_prints_the_table(capsys, tmp_path):
     out = tmp_path / "p.json"
     assert main(["--device", "cpu", "--arch", "resnet18", "--batch", "4", "--sizes", "32", "16", "--counts", "2", "1",
                  "--prototypes", "10", "--queue", "8", "--steps", "1", "--warmup", "1", "--modes", "official",
-                 "eager", "--json", str(out)]) == 0
+                 "eager", "--sinkhorn-shape", "30", "40", "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "host syncs" in text and "official" in text and "eager" in text
-    rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
+    assert "host syncs" in text and "official" in text and "eager" in text and "Sinkhorn alone" in text
+    rep = json.loads(out.read_text())
+    rows = {r["mode"]: r for r in rep["rows"]}
     assert rows["eager"]["host_syncs_per_step"] == 0 < rows["official"]["host_syncs_per_step"]
+    for r in rows.values():  # achieved TFLOP/s is the counted FLOPs over the measured time; no MFU without a GPU
+        assert r["tflops_per_s"] == pytest.approx(rep["flops_per_step"] / (r["ms_per_step"] / 1e3) / 1e12)
+        assert r["mfu"] is None
+    assert [(s["impl"], s["k"], s["b"]) for s in rep["sinkhorn"]] == [("reference", 30, 40)]
+    assert rep["sinkhorn"][0]["ms"] > 0
+
+
+def test_step_flops_match_torchvision_resnet18_count():
+    """224-px images through resnet18: forward + backward = 3 x forward (grads of inputs and of weights),
+    torchvision's published forward count is 1.814 G multiply-adds = 3.63 GFLOP (the head adds < 1 %)."""
+    from swav_fast.config import Config
+    from tools.profile_step import step_flops
+
+    cfg = Config(arch="resnet18", nmb_crops=[1], size_crops=[224], min_scale_crops=[0.14], max_scale_crops=[1.0],
+                 hidden_mlp=32, feat_dim=16, nmb_prototypes=10, crops_for_assign=[0])
+    flops = step_flops(cfg, torch.device("cpu"), 2) / 2  # 2 images: the head's BatchNorm needs more than one
+    # the first convolution needs no input gradient: a little under 3x
+    assert 0.93 * 3 * 3.628e9 < flops < 1.01 * 3 * 3.628e9, flops

@@ -5,7 +5,9 @@
 
 For each mode: time per step (CUDA events after warm-up on GPU, wall clock on CPU), samples/s, host syncs per
 step (ops that hand a tensor value to Python, counted by a dispatch mode: on a GPU each one waits for the
-device), ATen ops dispatched per step (a proxy for kernel launches), and peak memory on CUDA.
+device), ATen ops dispatched per step (a proxy for kernel launches), peak memory on CUDA, achieved TFLOP/s (the
+step's forward + backward FLOPs counted by torch's FlopCounterMode) and MFU against the GPU's dense bf16 peak;
+then Sinkhorn alone at K 3000 x B 3904 (the queue path), reference vs the fused Triton kernel (CUDA only).
 Modes: official, eager, compile (torch.compile, inductor), and on CUDA graph (GraphStep: the whole step as one
 captured CUDA graph; its ATen ops are the host-side copy-in of the crops, lr and flag fills and the loss clone,
 while the step's kernels go out in one graph launch). The graph mode is UNVERIFIED: written without a GPU and not
@@ -181,6 +183,60 @@ def profile(mode: str, cfg: Config, device: torch.device, batch: int, steps: int
             "trials": steps, "device": torch.cuda.get_device_name() if on_cuda else "cpu"}
 
 
+# Dense bf16 tensor-core peaks (vendor figures, no sparsity) for the MFU estimate, by a substring of the device name.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops(device_name: str) -> float | None:
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in device_name:
+            return value
+    return None
+
+
+def step_flops(cfg: Config, device: torch.device, batch: int) -> int:
+    """FLOPs of one step's forward and backward (trunk, head, prototypes), counted by torch's FlopCounterMode on a
+    real forward + backward; Sinkhorn, loss and LARS are elementwise and below 0.1 % of it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = SwAVModel(cfg.arch, cfg.hidden_mlp, cfg.feat_dim, cfg.nmb_prototypes).to(device)
+    crops = synthetic_crops(batch, cfg.size_crops, cfg.nmb_crops, device)
+    with FlopCounterMode(display=False) as counter:
+        z, scores = model(crops)
+        (z.float().sum() + scores.float().sum()).backward()
+    return counter.get_total_flops()
+
+
+def time_sinkhorn(device: torch.device, k: int, b: int, eps: float, n_iters: int, reps: int) -> list[dict]:
+    """Sinkhorn alone on [b, k] scores: the reference (a chain of torch ops) and, on CUDA, the fused Triton kernel."""
+    from swav_fast.step import sinkhorn_function
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    z = F.normalize(torch.randn(b, 128, generator=g), dim=1)
+    c = F.normalize(torch.randn(k, 128, generator=g), dim=1)
+    scores = (z @ c.T).to(device)
+    out = []
+    for impl in ["reference"] + (["triton"] if device.type == "cuda" else []):
+        fn = sinkhorn_function(impl)
+        for _ in range(3):
+            fn(scores, eps, n_iters)
+        times = []
+        for _ in range(reps):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn(scores, eps, n_iters)
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t = time.perf_counter()
+                fn(scores, eps, n_iters)
+                times.append((time.perf_counter() - t) * 1e3)
+        out.append({"impl": impl, "k": k, "b": b, "ms": statistics.median(times), "ms_min": min(times)})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
@@ -194,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="default: all of them (graph only on CUDA)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--sinkhorn_impl", choices=("reference", "triton"), default=None,
+                   help="Sinkhorn of our modes (default: triton on CUDA, reference on CPU); the official-style step "
+                        "always runs the unfused reference")
+    p.add_argument("--sinkhorn-shape", type=int, nargs=2, default=[3000, 3904], metavar=("K", "B"),
+                   help="Sinkhorn alone is timed on B x K scores (default: K 3000, 3840 queue rows + 64)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -204,22 +265,40 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--modes graph captures a CUDA graph and needs --device cuda")
     cfg = Config(arch=args.arch, nmb_crops=args.counts, size_crops=args.sizes, nmb_prototypes=args.prototypes,
                  min_scale_crops=[0.5] * len(args.sizes), max_scale_crops=[1.0] * len(args.sizes),
-                 queue_length=args.queue, batch_size=args.batch, freeze_prototypes_niters=0)
+                 queue_length=args.queue, batch_size=args.batch, freeze_prototypes_niters=0,
+                 sinkhorn_impl=args.sinkhorn_impl or ("triton" if args.device == "cuda" else "reference"))
+    if cfg.sinkhorn_impl == "triton" and args.device != "cuda":
+        p.error("--sinkhorn_impl triton needs --device cuda")
     device = torch.device(args.device)
     rows = []
     for mode in args.modes:
         print(f"profiling {mode} ...", file=sys.stderr)
         rows.append(profile(mode, copy.deepcopy(cfg), device, args.batch, args.steps, args.warmup))
-    header = f"{'mode':<10}{'ms/step':>10}{'samples/s':>11}{'host syncs':>12}{'ATen ops':>10}{'peak GiB':>10}"
+    print("counting FLOPs ...", file=sys.stderr)
+    flops = step_flops(cfg, device, args.batch)
+    peak = peak_flops(rows[0]["device"]) if device.type == "cuda" else None
+    for r in rows:
+        r["tflops_per_s"] = flops / (r["ms_per_step"] / 1e3) / 1e12
+        r["mfu"] = r["tflops_per_s"] * 1e12 / peak if peak else None
+    print("timing Sinkhorn alone ...", file=sys.stderr)
+    sk = time_sinkhorn(device, *args.sinkhorn_shape, cfg.epsilon, cfg.sinkhorn_iterations, max(args.steps, 10))
+    header = (f"{'mode':<10}{'ms/step':>10}{'samples/s':>11}{'host syncs':>12}{'ATen ops':>10}{'peak GiB':>10}"
+              f"{'TFLOP/s':>9}{'MFU':>7}")
     print(f"# {rows[0]['device']}, {args.arch}, {args.batch} images x {args.counts} crops of {args.sizes}, "
-          f"K {args.prototypes}, queue {args.queue}; median of {args.steps} steps after {args.warmup} warm-up")
+          f"K {args.prototypes}, queue {args.queue}, Sinkhorn {cfg.sinkhorn_impl} (official-style: reference); "
+          f"median of {args.steps} steps after {args.warmup} warm-up; {flops / 1e9:.1f} GFLOP per step (fwd+bwd)")
     print(header)
     for r in rows:
         mem = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "-"
         syncs, ops = (("-" if r[k] is None else r[k]) for k in ("host_syncs_per_step", "aten_ops_per_step"))
-        print(f"{r['mode']:<10}{r['ms_per_step']:>10.2f}{r['samples_per_s']:>11.1f}{syncs:>12}{ops:>10}{mem:>10}")
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        print(f"{r['mode']:<10}{r['ms_per_step']:>10.2f}{r['samples_per_s']:>11.1f}{syncs:>12}{ops:>10}{mem:>10}"
+              f"{r['tflops_per_s']:>9.2f}{mfu:>7}")
+    print(f"# Sinkhorn alone, K {args.sinkhorn_shape[0]} x B {args.sinkhorn_shape[1]}, {cfg.sinkhorn_iterations} "
+          "iterations: " + ", ".join(f"{s['impl']} {s['ms']:.3f} ms" for s in sk))
     if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows,
+                                         "flops_per_step": flops, "peak_flops": peak, "sinkhorn": sk}, indent=1))
     return 0 if all(math.isfinite(r["ms_per_step"]) for r in rows) else 1
 
 
