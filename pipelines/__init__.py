@@ -12,7 +12,7 @@ from pipelines.spec import MultiCropBatch, MultiCropSpec
 
 # name -> module with build(spec, cfg, device, rank, world_size); imported lazily so an optional
 # dependency (DALI, FFCV) is only needed by the pipeline that uses it.
-PIPELINES = {"reference": "pipelines.reference", "ffcv": "pipelines.ffcv"}
+PIPELINES = {"reference": "pipelines.reference", "ffcv": "pipelines.ffcv", "dali": "pipelines.dali"}
 
 __all__ = ["MultiCropBatch", "MultiCropSpec", "PIPELINES", "build"]
 

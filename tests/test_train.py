@@ -174,11 +174,14 @@ def digits_beton(digits_dir, tmp_path_factory) -> Path:
     return out
 
 
-def test_ffcv_pipeline_trains_and_resumes_bit_equal(digits_beton, tmp_path):
+@pytest.mark.parametrize("pipeline", ["ffcv", "dali"])
+def test_gpu_pipelines_train_and_resume_bit_equal_on_cpu(digits_dir, tmp_path, request, pipeline):
+    pytest.importorskip("nvidia.dali" if pipeline == "dali" else "ffcv", reason=f"SKIPPED: {pipeline} not installed")
+    data = request.getfixturevalue("digits_beton") if pipeline == "ffcv" else digits_dir
     full, split = tmp_path / "full", tmp_path / "split"
-    ffcv = ("--pipeline", "ffcv", "--workers", "1")
-    assert run(digits_beton, full, *ffcv) == 0
-    assert run(digits_beton, split, *ffcv, "--stop_after_epoch", "1") == 0
+    opts = ("--pipeline", pipeline, "--workers", "1")
+    assert run(data, full, *opts) == 0
+    assert run(data, split, *opts, "--stop_after_epoch", "1") == 0
     assert train.main(["--run_dir", str(split), "--resume", "auto"]) == 0
     losses = step_losses(full, 0) + step_losses(full, 1)
     assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
