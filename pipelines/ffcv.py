@@ -49,13 +49,34 @@ _INSTALL = "install it with `make env` (or `pip install ffcv numba`; FFCV needs 
 
 
 def import_ffcv():
-    """The ffcv package, or an ImportError that says how to install it."""
+    """The ffcv package, or an ImportError that says how to install it.
+
+    FFCV sets torch's process-wide intra-op thread count to its own worker count: once when imported (to 1) and
+    whenever a Loader starts an epoch (ffcv.pipeline.compiler.Compiler.set_num_threads). That would silently change
+    the speed of the training step (and, on CPU, its floating-point reduction order, so a resumed run would not
+    repeat the uninterrupted one). Importing ffcv through this function restores torch's count and makes
+    Compiler.set_num_threads set only numba's. Import ffcv through it everywhere.
+    """
+    threads = torch.get_num_threads()
     try:
         import ffcv
         import ffcv.loader  # noqa: F401
-    except ImportError as e:  # pragma: no cover - exercised by monkeypatching in tests
+        from ffcv.pipeline.compiler import Compiler
+    except ImportError as e:  # exercised by monkeypatching in tests
         raise ImportError(f"--pipeline ffcv needs the ffcv package, which is not importable ({e}); {_INSTALL}, "
                           "or use --pipeline reference") from e
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+    if not getattr(Compiler, "_swav_fast_keeps_torch_threads", False):
+        import numba
+
+        def set_num_threads(cls, n: int) -> None:  # ffcv's, minus torch.set_num_threads
+            cls.num_threads = n if n >= 1 else numba.config.NUMBA_NUM_THREADS
+            numba.set_num_threads(min(cls.num_threads, numba.config.NUMBA_NUM_THREADS))
+
+        Compiler.set_num_threads = classmethod(set_num_threads)
+        Compiler._swav_fast_keeps_torch_threads = True
     return ffcv
 
 

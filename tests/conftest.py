@@ -8,6 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+try:  # ffcv, imported directly (pytest.importorskip), would set torch's thread count to 1 for the whole session
+    from pipelines.ffcv import import_ffcv
+
+    import_ffcv()
+except ImportError:
+    pass
+
 
 def write_digits(root: Path, per_class: int, size: int = 32, offset: int = 0) -> Path:
     """root/<digit>/<i>.jpg: per_class real digit images per class, upscaled to size x size RGB JPEGs."""

@@ -309,3 +309,29 @@ def test_profile_pipeline_cli(photo_folder, beton, tmp_path, capsys):
         assert r["decode_ms_per_batch"] > 0 and r["augment_ms_per_batch"] > 0
     assert rep["host_cost"]["ffcv"]["samples"] == 16 and rep["host_cost"]["reference"]["samples"] == 8
     assert 0 < rep["host_cost"]["ffcv"]["cpu_ms_per_sample"]
+
+
+def test_ffcv_leaves_torch_thread_count_alone(beton):
+    """FFCV sets torch's intra-op thread count on import and at every epoch; through import_ffcv it must not."""
+    import subprocess
+    import sys
+
+    code = f"""
+import torch
+torch.set_num_threads(3)
+from pipelines.ffcv import FFCVLoader, import_ffcv
+import_ffcv()
+import ffcv.pipeline.compiler
+assert torch.get_num_threads() == 3, ("import", torch.get_num_threads())
+from pipelines.spec import CropGroup, MultiCropSpec
+spec = MultiCropSpec(groups=(CropGroup(16, 1, 0.5, 1.0),))
+ld = FFCVLoader(spec, {str(beton)!r}, 8, torch.device("cpu"), workers=1)
+for e in range(2):
+    ld.set_epoch(e)
+    for b in ld:
+        assert torch.get_num_threads() == 3, ("epoch", e, torch.get_num_threads())
+print("ok", torch.get_num_threads())
+"""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok 3", proc.stderr[-2000:]

@@ -82,7 +82,7 @@ if __package__ in (None, ""):  # run as `python tools/write_ffcv.py`: make `pipe
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.ffcv import HOW_TO_WRITE as _HOW_TO_WRITE  # noqa: E402
-from pipelines.ffcv import open_beton  # noqa: E402,F401 - re-exported: the tools open .beton files through it
+from pipelines.ffcv import import_ffcv, open_beton  # noqa: E402,F401 - re-exported: the tools open .beton files through it
 from pipelines.reference import DataError, scan_image_folder  # noqa: E402
 
 DEFAULT_MAX_SIDE = 512
@@ -389,6 +389,7 @@ def write_beton(source: str | Path, out: str | Path, max_side: int = DEFAULT_MAX
         raise DataError(f"no valid images in '{source}': all {len(samples)} files were skipped ({shown}"
                         f"{'; ...' if len(skipped) > 5 else ''})")
 
+    import_ffcv()  # keeps torch's thread count (see there)
     from ffcv.fields import BytesField, IntField
     from ffcv.reader import Reader
     from ffcv.writer import DatasetWriter
@@ -462,6 +463,7 @@ def read_beton_bytes(path: str | Path, batch_size: int = 256) -> Iterator[tuple[
     row is cut to its sample's length from the file's metadata (``loader.reader.metadata``: one record per
     sample, field i under the name ``f{i}``, a BytesField as (ptr, size)).
     """
+    import_ffcv()
     from ffcv.fields.decoders import BytesDecoder, IntDecoder
     from ffcv.loader import Loader, OrderOption
 
