@@ -296,12 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {cpu_name}"
     print(f"# {stamp}, {where}, torch threads {torch.get_num_threads()}, batch {args.batch_size}, {crops}; "
           f"{args.batches} batches after {args.warmup} warm-up")
-    print(f"{'pipeline':<11}{'samples/s':>11}{'crops/s':>10}{'ms/batch':>10}{'host ms':>9}{'decode ms':>11}"
+    print(f"{'pipeline':<15}{'samples/s':>11}{'crops/s':>10}{'ms/batch':>10}{'host ms':>9}{'decode ms':>11}"
           f"{'augment ms':>12}")
     for r in rows:
         split = [f"{r[k]:.1f}" if k in r else "-" for k in ("host_ms_per_batch", "decode_ms_per_batch",
                                                              "augment_ms_per_batch")]
-        print(f"{r['pipeline']:<11}{r['samples_per_s']:>11.1f}{r['crops_per_s']:>10.0f}{r['ms_per_batch']:>10.1f}"
+        print(f"{r['pipeline']:<15}{r['samples_per_s']:>11.1f}{r['crops_per_s']:>10.0f}{r['ms_per_batch']:>10.1f}"
               f"{split[0]:>9}{split[1]:>11}{split[2]:>12}")
     if host:
         print("\n# host CPU time per sample (process time, all threads), device work excluded")
