@@ -37,7 +37,7 @@ except ImportError:
     pytest.skip("SKIPPED: NVIDIA DALI is not installed (pip install -e .[dali]); the DALI pipeline tests cannot run",
                 allow_module_level=True)
 
-from test_gpu_augment import _source_photos  # noqa: E402
+from conftest import source_photos  # noqa: E402
 
 from pipelines import dali  # noqa: E402
 
@@ -115,7 +115,7 @@ def replay_params(ld: dali.DaliLoader, step: int, e: int = 0):
 @pytest.fixture(scope="module")
 def photo_images() -> list[Image.Image]:
     """Real photos as decoded 8-bit RGB PIL images (JPEG round trip), at SIZES."""
-    src = _source_photos()
+    src = source_photos()
     out = []
     for i, (h, w) in enumerate(SIZES):
         img = Image.fromarray(src[i % len(src)]).convert("RGB").resize((w, h), Image.BICUBIC)
@@ -138,7 +138,7 @@ def photo_bytes_images(photo_encoded) -> list[Image.Image]:
 def photo_root(tmp_path_factory) -> Path:
     """ImageFolder of 64 photo JPEGs (2 classes), 48-120 px with several aspect ratios."""
     root = tmp_path_factory.mktemp("dali_photos")
-    src = _source_photos()
+    src = source_photos()
     rng = np.random.default_rng(0)
     for i in range(64):
         (root / f"c{i % 2}").mkdir(exist_ok=True)
@@ -434,7 +434,7 @@ def bad_root(tmp_path_factory) -> Path:
     """One class of 10 good photos with unusual files (kept) and unreadable ones (skipped) in between."""
     root = tmp_path_factory.mktemp("dali_bad")
     (root / "a").mkdir()
-    src = _source_photos()
+    src = source_photos()
     photo = Image.fromarray(src[0]).convert("RGB").resize((90, 70), Image.BICUBIC)
     good = jpeg_bytes(photo)
     files = {

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
+from conftest import source_photos
 from PIL import Image, ImageFilter
 from torchvision import transforms
 from torchvision.io import decode_jpeg
@@ -98,32 +99,11 @@ def plain(params: AugmentParams) -> AugmentParams:
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
-def _source_photos() -> list[np.ndarray]:
-    photos = []
-    try:
-        from skimage import data
-
-        photos += [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.immunohistochemistry(),
-                   data.hubble_deep_field()]
-    except Exception as e:  # noqa: BLE001 - any failure to load falls through to the other source
-        print(f"scikit-image sample photos unavailable ({e})")
-    try:
-        from sklearn.datasets import load_sample_images
-
-        photos += list(load_sample_images().images)
-    except Exception as e:  # noqa: BLE001
-        print(f"scikit-learn sample photos unavailable ({e})")
-    if len(photos) < 4:
-        pytest.skip("SKIPPED: no real photographs available (needs scikit-image or scikit-learn sample images, "
-                    "the dev extra); the GPU augmentation statistics tests cannot run without them")
-    return photos
-
-
 @pytest.fixture(scope="module")
 def photo_dir(tmp_path_factory) -> Path:
     """JPEGs of real photos resized (aspect ratio changed where needed) to SIZES."""
     root = tmp_path_factory.mktemp("photos")
-    src = _source_photos()
+    src = source_photos()
     for i, (h, w) in enumerate(SIZES):
         Image.fromarray(src[i % len(src)]).convert("RGB").resize((w, h), Image.BICUBIC).save(
             root / f"{i}.jpg", quality=92)
