@@ -209,11 +209,13 @@ def reference_host_cost(cfg: Config, spec: MultiCropSpec, samples: int) -> dict:
 
 def available(name: str) -> str | None:
     """None if the pipeline can run here, else why not."""
-    mod = {"ffcv": "ffcv", "dali": "nvidia.dali"}.get(name)
-    if mod is None:
-        return None
     try:
-        __import__(mod)
+        if name == "ffcv":
+            from pipelines.ffcv import import_ffcv
+
+            import_ffcv()  # not a bare `import ffcv`: that would set torch's thread count to 1
+        elif name == "dali":
+            import nvidia.dali  # noqa: F401
     except ImportError as e:
         return f"not installed ({e})"
     return None
