@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 try:  # ffcv, imported directly (pytest.importorskip), would set torch's thread count to 1 for the whole session
@@ -77,3 +78,25 @@ def photo_folder(tmp_path_factory) -> Path:
         Image.fromarray(img[y0:, x0:]).convert("RGB").resize((w, h), Image.BICUBIC).save(d / f"{i:03d}.jpg",
                                                                                           quality=90)
     return root
+
+
+def view_stats(batches, spec) -> dict:
+    """Per crop size: [n_views, 10] per-view channel means, stds, mean absolute horizontal differences (sharpness:
+    what the blur changes), in normalised units, and colourfulness (mean spread of a pixel's three channels in
+    [0, 1] units: zero for a grayscale view)."""
+    sizes = spec.crop_sizes
+    mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
+    out = {}
+    for s in sorted(set(sizes)):
+        views = torch.cat([c for b in batches for c, cs in zip(b.crops, sizes, strict=True) if cs == s])
+        sharp = (views[..., 1:] - views[..., :-1]).abs().mean((2, 3))
+        pixels = views * std + mean
+        colour = (pixels.amax(1) - pixels.amin(1)).mean((1, 2))[:, None]
+        out[s] = torch.cat([views.mean((2, 3)), views.std((2, 3)), sharp, colour], 1)
+    return out
+
+
+def view_z(a: dict, b: dict) -> float:
+    """Largest |difference of means| / standard error over every statistic of two view_stats results."""
+    return max(((a[s].mean(0) - b[s].mean(0)).abs() / torch.sqrt(a[s].var(0) / len(a[s]) + b[s].var(0) / len(b[s])))
+               .max().item() for s in a)

@@ -15,6 +15,8 @@ from torch.utils.data import DistributedSampler
 
 pytest.importorskip("ffcv", reason="SKIPPED: ffcv is not installed (make env installs it)")
 
+from conftest import view_stats  # noqa: E402
+
 from pipelines.ffcv import FFCVLoader, distributed_order, open_beton, quasi_random_order  # noqa: E402
 from pipelines.reference import DataError, ReferenceLoader  # noqa: E402
 from pipelines.spec import CropGroup, MultiCropSpec  # noqa: E402
@@ -152,21 +154,6 @@ def test_quasi_random_loader(beton):
 
 
 # ------------------------------------------------------------------------------------------------ statistics
-def channel_stats(batches, sizes) -> dict[int, torch.Tensor]:
-    """Per crop size: [n_views, 10] per-view channel means, stds, mean absolute horizontal differences (sharpness:
-    what the blur changes), in normalised units, and colourfulness (mean spread of a pixel's three channels in
-    [0, 1] units: zero for a grayscale view)."""
-    mean, std = torch.tensor(SPEC.mean).view(1, 3, 1, 1), torch.tensor(SPEC.std).view(1, 3, 1, 1)
-    out = {}
-    for s in sorted(set(sizes)):
-        views = torch.cat([c for b in batches for c, cs in zip(b.crops, sizes, strict=True) if cs == s])
-        sharp = (views[..., 1:] - views[..., :-1]).abs().mean((2, 3))
-        pixels = views * std + mean
-        colour = (pixels.amax(1) - pixels.amin(1)).mean((1, 2))[:, None]
-        out[s] = torch.cat([views.mean((2, 3)), views.std((2, 3)), sharp, colour], 1)
-    return out
-
-
 def test_view_statistics_match_the_reference(beton, photo_folder):
     """Per-view channel means, stds, sharpness and colourfulness, pooled over 12 epochs of the same images in the
     same order, agree with the PIL reference chain: the mean of each statistic within 4 standard errors (largest
@@ -180,7 +167,7 @@ def test_view_statistics_match_the_reference(beton, photo_folder):
         ref.set_epoch(e)
         ref_b += list(ref)
         our_b += epoch(ours, e)
-    rs, os_ = channel_stats(ref_b, spec.crop_sizes), channel_stats(our_b, spec.crop_sizes)
+    rs, os_ = view_stats(ref_b, spec), view_stats(our_b, spec)
     for s in rs:
         a, b = rs[s], os_[s]
         se = torch.sqrt(a.var(0) / len(a) + b.var(0) / len(b))
@@ -196,7 +183,7 @@ def test_view_statistics_match_the_reference(beton, photo_folder):
         bb = []
         for e in range(12):
             bb += epoch(bad, e)
-        st = channel_stats(bb, spec.crop_sizes)
+        st = view_stats(bb, spec)
         return max(((rs[s].mean(0) - st[s].mean(0)).abs()
                     / torch.sqrt(rs[s].var(0) / len(rs[s]) + st[s].var(0) / len(st[s]))).max().item() for s in rs)
 
