@@ -584,6 +584,7 @@ def test_view_statistics_match_the_reference(photo_folder):
     import dataclasses
 
     from conftest import view_stats, view_z
+
     from pipelines.reference import ReferenceLoader
 
     spec = MultiCropSpec(groups=(CropGroup(48, 2, 0.14, 1.0), CropGroup(24, 3, 0.05, 0.14)))
