@@ -276,26 +276,30 @@ def test_pack_rows_packs_exact_prefixes():
 
 
 def test_profile_pipeline_cli(photo_folder, beton, tmp_path, capsys):
-    """The profiler runs reference and ffcv on the same images and prints both tables with figures from the run."""
+    """The profiler runs every pipeline on the same images and prints both tables with figures from the run."""
     import json
 
     from tools import profile_pipeline
 
     out = tmp_path / "p.json"
-    rc = profile_pipeline.main(["--data", str(photo_folder), "--beton", str(beton), "--pipelines", "reference",
-                                "ffcv", "--batch-size", "8", "--batches", "2", "--warmup", "1", "--workers", "0",
+    import importlib.util
+
+    names = ["reference", "ffcv"] + (["dali"] if importlib.util.find_spec("nvidia.dali") else [])
+    rc = profile_pipeline.main(["--data", str(photo_folder), "--beton", str(beton), "--pipelines", *names,
+                                "--batch-size", "8", "--batches", "2", "--warmup", "1", "--workers", "0",
                                 "--sizes", "48", "24", "--counts", "2", "3", "--host-cost", "8", "--json", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "reference" in text and "ffcv" in text and "host CPU time per sample" in text
     rep = json.loads(out.read_text())
-    assert [r["pipeline"] for r in rep["rows"]] == ["decode+augment", "reference", "ffcv"]
+    assert [r["pipeline"] for r in rep["rows"]] == ["decode+augment", *names]
     for r in rep["rows"]:
         assert r["samples_per_s"] > 0 and r["crops_per_s"] == pytest.approx(5 * r["samples_per_s"])
     for r in (rep["rows"][0], rep["rows"][2]):
         assert r["decode_ms_per_batch"] > 0 and r["augment_ms_per_batch"] > 0
     assert rep["host_cost"]["ffcv"]["samples"] == 16 and rep["host_cost"]["reference"]["samples"] == 8
-    assert 0 < rep["host_cost"]["ffcv"]["cpu_ms_per_sample"]
+    assert "dali" not in names or rep["host_cost"]["dali"]["samples"] == 16
+    assert all(v["cpu_ms_per_sample"] > 0 for v in rep["host_cost"].values())
 
 
 def test_ffcv_leaves_torch_thread_count_alone(beton):
