@@ -145,6 +145,33 @@ def test_quasi_random_order():
     assert max(lens) <= 3
 
 
+def test_quasi_random_loader_two_ranks_read_their_own_pages(tmp_path, monkeypatch):
+    # ffcv's smallest pages (2 MiB) and 48 noisy 375 x 500 JPEGs of ~200 KB: the file spans several pages
+    from PIL import Image
+
+    import tools.write_ffcv as wf
+
+    monkeypatch.setattr(wf, "MIN_PAGE_SIZE", 1 << 21)
+    monkeypatch.setattr(wf, "KEEP_EXTRA_BYTES", 0)
+    rng = np.random.default_rng(0)
+    (tmp_path / "noise" / "c").mkdir(parents=True)
+    for i in range(48):
+        Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)).save(
+            tmp_path / "noise" / "c" / f"{i:02d}.jpg", quality=90)
+    out = tmp_path / "pages.beton"
+    write_beton(tmp_path / "noise", out, max_side=512, workers=1, progress=False)
+    reader = open_beton(out)
+    page_of = np.zeros(48, dtype=np.int64)
+    page_of[reader.alloc_table["sample_id"]] = reader.alloc_table["ptr"] // reader.page_size
+    assert len(set(page_of.tolist())) >= 4, f"premise: the file should span several pages ({reader.page_size} B)"
+    shards = [torch.cat([b.index for b in epoch(loader(out, rank=r, world_size=2, batch_size=4,
+                                                         order="quasi_random"), e=1)]) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) > 0
+    assert not set(shards[0].tolist()) & set(shards[1].tolist())
+    pages = [set(page_of[s.numpy()].tolist()) for s in shards]
+    assert not pages[0] & pages[1]  # each rank reads only its own pages
+
+
 def test_quasi_random_loader(beton):
     # the small test file is a single 8 MiB page: one rank reads all of it, two ranks cannot share it out
     seen = [torch.cat([b.index for b in epoch(loader(beton, order="quasi_random"), e)]) for e in range(2)]
