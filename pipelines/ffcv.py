@@ -276,13 +276,15 @@ class FFCVLoader:
         if self.device.type != "cuda":
             return [torch.from_numpy(images[j, :s]) for j, s in enumerate(sizes.tolist())]
         slot, self._slot = self._slot, 1 - self._slot
+        if self._staged[slot] is not None:
+            # the decode that read this buffer two batches ago is done (also before it is freed and replaced:
+            # the pinned-memory cache would otherwise hand it out while nvJPEG may still be reading it)
+            self._staged[slot].synchronize()
         buf = self._staging[slot]
         if buf is None or buf.numel() < int(sizes.sum()):
             buf = torch.empty(max(int(sizes.sum()), 2 * (buf.numel() if buf is not None else 0)), dtype=torch.uint8,
                               pin_memory=True)
             self._staging[slot] = buf
-        elif self._staged[slot] is not None:
-            self._staged[slot].synchronize()  # the decode that read this buffer two batches ago is done
         return pack_rows(images, sizes, buf)
 
     def decode(self, data: list[torch.Tensor], idx: np.ndarray) -> tuple[list[torch.Tensor], list[str]]:
