@@ -353,3 +353,34 @@ print("ok", torch.get_num_threads())
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok 3", proc.stderr[-2000:]
+
+
+def test_cuda_staging_rotates_two_buffers_and_waits_before_reuse(beton, monkeypatch):
+    """The CUDA staging logic without CUDA: pinned allocation replaced by plain memory, decode events by fakes.
+    Batch k's staged bytes must survive batch k+1's staging, and a buffer is reused (or replaced when it is too
+    small) only after the event of the decode that read it."""
+    ld = loader(beton)
+    ld.device = torch.device("cuda")  # only _stage runs below; it makes no CUDA call besides the allocation
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **kw: real_empty(*a, **kw))
+
+    class FakeEvent:
+        def __init__(self):
+            self.waits = 0
+
+        def synchronize(self):
+            self.waits += 1
+
+    rng = np.random.default_rng(1)
+    batches = [rng.integers(0, 256, size=(3, 64), dtype=np.uint8) for _ in range(3)]
+    sizes = [np.array([10, 20, 5]), np.array([7, 7, 7]), np.array([64, 64, 64])]  # the third needs a bigger buffer
+    v0 = ld._stage(batches[0], sizes[0])
+    ld._staged[0] = e0 = FakeEvent()
+    v1 = ld._stage(batches[1], sizes[1])
+    ld._staged[1] = e1 = FakeEvent()
+    assert [v.numpy().tobytes() for v in v0] == [batches[0][j, :s].tobytes() for j, s in enumerate(sizes[0])]
+    assert e0.waits == 0 and e1.waits == 0
+    v2 = ld._stage(batches[2], sizes[2])  # slot 0 again, grown: waits for batch 0's decode first
+    assert e0.waits == 1 and e1.waits == 0
+    assert [v.numpy().tobytes() for v in v2] == [batches[2][j, :s].tobytes() for j, s in enumerate(sizes[2])]
+    assert [v.numpy().tobytes() for v in v1] == [batches[1][j, :s].tobytes() for j, s in enumerate(sizes[1])]
