@@ -83,6 +83,7 @@ if __package__ in (None, ""):  # run as `python tools/write_ffcv.py`: make `pipe
 
 from pipelines.ffcv import HOW_TO_WRITE as _HOW_TO_WRITE  # noqa: E402
 from pipelines.ffcv import import_ffcv, open_beton  # noqa: E402,F401 - re-exported: the tools open .beton files through it
+from pipelines.jpeg import PROGRESSIVE_SOF, jpeg_frame  # noqa: E402
 from pipelines.reference import DataError, scan_image_folder  # noqa: E402
 
 DEFAULT_MAX_SIDE = 512
@@ -100,34 +101,13 @@ KEEP_EXTRA_BYTES = 1 << 20
 MIN_PAGE_SIZE = 1 << 23  # ffcv's default page size (8 MiB)
 RESAMPLE = Image.Resampling.LANCZOS
 
-# JPEG start-of-frame markers: C0 baseline; C1 extended sequential; C2 progressive; C3 lossless; C5-C7
-# differential; C9-CB, CD-CF arithmetic coding. C4 (DHT), C8 (JPG) and CC (DAC) are not frames.
-_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-_PROGRESSIVE_SOF = {0xC2, 0xC6, 0xCA, 0xCE}
 
 
 # ----------------------------------------------------------------------------------------------- inspection
 def jpeg_sof_marker(data: bytes) -> int | None:
     """The start-of-frame marker (0xC0 baseline, 0xC2 progressive, ...) of a JPEG, None if not found."""
-    if data[:2] != b"\xff\xd8":
-        return None
-    pos, n = 2, len(data)
-    while pos + 4 <= n:
-        if data[pos] != 0xFF:
-            return None  # a marker must start here; anything else is not a well-formed header
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # standalone markers, no length
-            pos += 2
-            continue
-        if marker in _SOF_MARKERS:
-            return marker
-        if marker in (0xDA, 0xD9):  # start of scan / end of image before any frame header
-            return None
-        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
-    return None
+    frame = jpeg_frame(data)
+    return frame.marker if frame is not None else None
 
 
 def resized_size(width: int, height: int, max_side: int) -> tuple[int, int]:
@@ -150,7 +130,7 @@ def _reencode_reason(data: bytes, fmt: str | None, mode: str, width: int, height
     if mode not in ("RGB", "L"):
         return f"mode:{mode}"
     sof = jpeg_sof_marker(data)
-    if sof in _PROGRESSIVE_SOF:
+    if sof in PROGRESSIVE_SOF:
         return "progressive"
     if sof != 0xC0:
         return "non_baseline"
