@@ -4,6 +4,10 @@
 # It uses the machine's torch (>= 2.11) and triton, installs missing pure helpers (pytest, rich) from wheels in
 # $WHEELS (default ./wheels) when pip cannot find them, runs the GPU-only tests, the step profiler on CUDA and a
 # short training smoke run on synthetic JPEGs, appends dated rows to BENCHMARKS.md and lists what it could not run.
+# Preparing the wheels on a machine with network, for a GPU machine with Python 3.12 and none (wheels/ is
+# git-ignored, so pass it to the device tool's `carry`):
+#   pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#       --platform manylinux_2_17_x86_64 --platform any -d wheels pytest rich pillow numpy matplotlib
 # UNVERIFIED: the CUDA-graph parts (tests/test_step_graph.py's CUDA tests, the graph row of the profiler, the
 # --step_mode graph runs below) were written without a GPU and have not run on one yet; this script is their check.
 # UNVERIFIED as well: the CUDA side of the pipelines (nvJPEG batched decode + gpu_augment on CUDA, the
