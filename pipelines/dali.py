@@ -83,7 +83,7 @@ from torch.utils.data import DistributedSampler
 from pipelines.gpu_augment import BRIGHTNESS, CONTRAST, HUE, SATURATION, GPUMultiCrop, augment_generator
 from pipelines.jpeg import jpeg_frame
 from pipelines.reference import MAX_REPLACEMENTS, DataError, scan_image_folder
-from pipelines.spec import MultiCropBatch, MultiCropSpec
+from pipelines.spec import MultiCropBatch, MultiCropSpec, warn_skipped_once
 
 try:
     import nvidia.dali.fn as fn
@@ -418,10 +418,7 @@ class DaliLoader:
             s = feeder.queue.popleft()
             assert s.step == step, (s.step, step)
             crops = self._to_torch(outputs)
-            for entry in s.skipped:
-                if entry not in self.skipped:
-                    self.skipped.add(entry)
-                    warnings.warn(f"skipped unreadable image {entry}; replaced by the next image", stacklevel=2)
+            warn_skipped_once(self.skipped, s.skipped, "unreadable", "the next image")
             yield MultiCropBatch(crops, s.index, s.skipped)
             step += 1
         self._pipe_state = "finished"

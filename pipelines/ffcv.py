@@ -31,7 +31,6 @@ warned about once), never a crash mid-epoch.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,7 +39,7 @@ import torch
 
 from pipelines.gpu_augment import GPUMultiCrop, augment_generator
 from pipelines.reference import DataError
-from pipelines.spec import MultiCropBatch, MultiCropSpec
+from pipelines.spec import MultiCropBatch, MultiCropSpec, warn_skipped_once
 
 ORDERS = ("random", "quasi_random")
 FIELDS = ("image", "label", "index")
@@ -319,11 +318,7 @@ class FFCVLoader:
     def __iter__(self) -> Iterator[MultiCropBatch]:
         for step, data, idx in self.host_batches():
             images, skipped = self.decode(data, idx)
-            for s in skipped:
-                if s not in self.skipped:
-                    self.skipped.add(s)
-                    warnings.warn(f"skipped undecodable image {s}; replaced by another image of the batch",
-                                  stacklevel=2)
+            warn_skipped_once(self.skipped, skipped, "undecodable", "another image of the batch")
             gen = augment_generator(self.seed, self.epoch, self.rank, step, self.device)
             crops = self.augment(images, gen)
             yield MultiCropBatch(crops, torch.from_numpy(idx), skipped)

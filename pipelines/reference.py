@@ -14,7 +14,6 @@ Two choices differ from facebookresearch/swav without changing the distribution 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from pipelines.spec import MultiCropBatch, MultiCropSpec
+from pipelines.spec import MultiCropBatch, MultiCropSpec, warn_skipped_once
 
 # Replacing an undecodable image tries at most this many following images before giving up.
 MAX_REPLACEMENTS = 16
@@ -182,10 +181,7 @@ class ReferenceLoader:
         for step, batch in enumerate(loader, start=self.start_step):
             if step >= self.steps:
                 break
-            for s in batch.skipped:
-                if s not in self.skipped:
-                    self.skipped.add(s)
-                    warnings.warn(f"skipped unreadable image {s}; replaced by the next image", stacklevel=2)
+            warn_skipped_once(self.skipped, batch.skipped, "unreadable", "the next image")
             batch.crops = [c.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                            for c in batch.crops]
             yield batch

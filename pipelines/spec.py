@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -74,3 +75,13 @@ class MultiCropBatch:
     @property
     def batch_size(self) -> int:
         return self.crops[0].shape[0]
+
+
+def warn_skipped_once(seen: set[str], entries: list[str], what: str, replaced_by: str) -> None:
+    """One warning per unreadable file over a loader's life (`seen` holds those already reported); the training
+    loop counts every occurrence from `MultiCropBatch.skipped`. Called from a loader's __iter__, so the warning
+    points at the loop that consumes the batches."""
+    for entry in entries:
+        if entry not in seen:
+            seen.add(entry)
+            warnings.warn(f"skipped {what} image {entry}; replaced by {replaced_by}", stacklevel=3)
