@@ -30,12 +30,12 @@ warned about once), never a crash mid-epoch.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DistributedSampler
 
 from pipelines.gpu_augment import GPUMultiCrop, augment_generator
 from pipelines.reference import DataError
@@ -132,13 +132,11 @@ def open_beton(path: str | Path):
 
 
 def distributed_order(n: int, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
-    """torch.utils.data.DistributedSampler(shuffle=True, drop_last=False)'s indices for (seed, epoch, rank)."""
-    g = torch.Generator().manual_seed(seed + epoch)
-    perm = torch.randperm(n, generator=g).numpy()
-    total = math.ceil(n / world_size) * world_size
-    if total > n:  # padded with the first indices, repeated as often as needed
-        perm = np.concatenate([perm, np.resize(perm, total - n)])
-    return perm[rank:total:world_size]
+    """torch.utils.data.DistributedSampler(shuffle=True, drop_last=False)'s indices for (seed, epoch, rank): the
+    order of the reference and dali loaders too."""
+    sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    return np.fromiter(sampler, dtype=np.int64, count=len(sampler))
 
 
 def quasi_random_order(page_of_sample: np.ndarray, seed: int, epoch: int, rank: int, world_size: int,
@@ -205,12 +203,12 @@ class FFCVLoader:
 
         self.beton, self.device, self.batch_size = str(beton), torch.device(device), batch_size
         self.rank, self.world_size, self.seed, self.order_kind = rank, world_size, seed, order
-        self.n = self.num_samples = int(reader.num_samples)
+        self.num_samples = int(reader.num_samples)
         self.sizes = np.asarray(reader.metadata[f"f{FIELDS.index('image')}"]["size"], dtype=np.int64)
         if order == "quasi_random":
             # the page holding each sample's bytes, from the allocation table
             table = reader.alloc_table
-            page_of = np.zeros(self.n, dtype=np.int64)
+            page_of = np.zeros(self.num_samples, dtype=np.int64)
             page_of[table["sample_id"]] = table["ptr"] // reader.page_size
             self.page_of_sample = page_of
         self.epoch, self.start_step = 0, 0
@@ -221,7 +219,7 @@ class FFCVLoader:
                             f"MiB: too few for --ffcv_order quasi_random, which deals whole pages to the "
                             f"{world_size} ranks; use --ffcv_order random (the default)")
         if steps == 0:
-            raise DataError(f"{beton} has {self.n} images: fewer than one global batch ({batch_size} x "
+            raise DataError(f"{beton} has {self.num_samples} images: fewer than one global batch ({batch_size} x "
                             f"{world_size} ranks); lower --batch_size or add images")
         self.steps = min(steps, max_steps) if max_steps else steps
         self.augment = GPUMultiCrop(spec, resample=resample)
@@ -237,7 +235,7 @@ class FFCVLoader:
     # ------------------------------------------------------------------------------------------------ order
     def _full_order(self, epoch: int) -> np.ndarray:
         if self.order_kind == "random":
-            return distributed_order(self.n, self.seed, epoch, self.rank, self.world_size)
+            return distributed_order(self.num_samples, self.seed, epoch, self.rank, self.world_size)
         return quasi_random_order(self.page_of_sample, self.seed, epoch, self.rank, self.world_size,
                                   2 * self.batch_size)
 
@@ -256,18 +254,23 @@ class FFCVLoader:
         self.epoch, self.start_step = epoch, start_step
 
     # -------------------------------------------------------------------------------------------- batches
-    def host_batches(self) -> Iterator[tuple[int, list[torch.Tensor], np.ndarray]]:
-        """(step, JPEG bytes as uint8 tensors staged for the decoder, dataset indices): the whole host side."""
+    def raw_batches(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(step, FFCV's byte rows [B, longest sample], dataset indices) of the selected epoch from start_step.
+        The rows are FFCV's reused buffer, valid until the next batch; each row's valid prefix is sizes[index]."""
         if self.start_step >= self.steps:
             return
         self.loader.next_epoch = self.epoch
         it = iter(self.loader)
         try:
-            for step, (images, index) in enumerate(it, start=self.start_step):
-                idx = np.array(index[:, 0], dtype=np.int64)  # a copy: ffcv reuses its batch buffers
-                yield step, self._stage(images, self.sizes[idx]), idx
+            for step, (rows, index) in enumerate(it, start=self.start_step):
+                yield step, rows, np.array(index[:, 0], dtype=np.int64)  # a copy: ffcv reuses its batch buffers
         finally:
             it.close()
+
+    def host_batches(self) -> Iterator[tuple[int, list[torch.Tensor], np.ndarray]]:
+        """(step, JPEG bytes as uint8 tensors staged for the decoder, dataset indices): the whole host side."""
+        for step, rows, idx in self.raw_batches():
+            yield step, self._stage(rows, self.sizes[idx]), idx
 
     def _stage(self, images: np.ndarray, sizes: np.ndarray) -> list[torch.Tensor]:
         """Cut each row to its sample's length. On CUDA the bytes are packed into one of two pinned buffers

@@ -30,6 +30,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -39,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pipelines  # noqa: E402
-from pipelines.spec import CropGroup, MultiCropBatch, MultiCropSpec  # noqa: E402
+from pipelines.spec import CropGroup, MultiCropSpec  # noqa: E402
 from swav_fast.config import Config  # noqa: E402
 
 
@@ -48,32 +49,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _consume(batch: MultiCropBatch) -> None:
-    """Make sure the batch really exists (on CUDA the work may still be queued; the caller syncs)."""
-    assert len(batch.crops) > 0
+def across_epochs(loader, batches_of, n: int) -> Iterator[tuple[int, object]]:
+    """(epoch, item) for the first n items of `batches_of()` over epochs 0, 1, ... (loader.set_epoch before each):
+    a timing run longer than one epoch chains epochs."""
+    epoch = done = 0
+    while True:
+        loader.set_epoch(epoch)
+        it = batches_of()
+        try:
+            for item in it:
+                yield epoch, item
+                done += 1
+                if done >= n:
+                    return
+        finally:
+            if hasattr(it, "close"):
+                it.close()  # ffcv: ends its epoch iterator's thread now
+        epoch += 1
 
 
 def time_loader(loader, device: torch.device, batches: int, warmup: int) -> dict:
-    """Wall time of `batches` batches after `warmup`; epochs are chained if one is too short."""
-    need, done, epoch = batches + warmup, 0, 0
-    t0 = None
+    """Wall time of `batches` batches after `warmup`."""
     n_img = n_crops = 0
-    while done < need:
-        loader.set_epoch(epoch)
-        for batch in loader:
-            _consume(batch)
-            done += 1
-            if done == warmup:
-                _sync(device)
-                t0 = time.perf_counter()
-            elif done > warmup:
-                n_img += batch.batch_size
-                n_crops += batch.batch_size * len(batch.crops)
-            if done >= need:
-                break
-        epoch += 1
-    if t0 is None:  # warmup 0
-        raise ValueError("--warmup must be >= 1")
+    for k, (_, batch) in enumerate(across_epochs(loader, lambda: iter(loader), batches + warmup)):
+        if k == warmup - 1:
+            _sync(device)
+            t0 = time.perf_counter()
+        elif k >= warmup:
+            n_img += batch.batch_size
+            n_crops += batch.batch_size * len(batch.crops)
     _sync(device)
     dt = time.perf_counter() - t0
     return {"samples_per_s": n_img / dt, "crops_per_s": n_crops / dt, "ms_per_batch": 1000 * dt / batches}
@@ -84,25 +88,19 @@ def time_ffcv_split(loader, device: torch.device, batches: int, warmup: int) -> 
     from pipelines.gpu_augment import augment_generator
 
     t_host = t_dec = t_aug = 0.0
-    done, epoch = 0, 0
-    while done < batches + warmup:
-        loader.set_epoch(epoch)
-        t = time.perf_counter()
-        for step, data, idx in loader.host_batches():
-            t1 = time.perf_counter()
-            images, _ = loader.decode(data, idx)
-            _sync(device)
-            t2 = time.perf_counter()
-            loader.augment(images, augment_generator(0, epoch, 0, step, device))
-            _sync(device)
-            t3 = time.perf_counter()
-            if done >= warmup:
-                t_host, t_dec, t_aug = t_host + t1 - t, t_dec + t2 - t1, t_aug + t3 - t2
-            done += 1
-            if done >= batches + warmup:
-                break
-            t = time.perf_counter()
-        epoch += 1
+    items = across_epochs(loader, loader.host_batches, batches + warmup)
+    for k in range(batches + warmup):
+        t0 = time.perf_counter()
+        epoch, (step, data, idx) = next(items)
+        t1 = time.perf_counter()
+        images, _ = loader.decode(data, idx)
+        _sync(device)
+        t2 = time.perf_counter()
+        loader.augment(images, augment_generator(0, epoch, 0, step, device))
+        _sync(device)
+        t3 = time.perf_counter()
+        if k >= warmup:
+            t_host, t_dec, t_aug = t_host + t1 - t0, t_dec + t2 - t1, t_aug + t3 - t2
     return {"host_ms_per_batch": 1000 * t_host / batches, "decode_ms_per_batch": 1000 * t_dec / batches,
             "augment_ms_per_batch": 1000 * t_aug / batches}
 
@@ -152,29 +150,17 @@ def ffcv_host_cost(loader, batches: int, warmup: int) -> dict:
 
     sizes_hw = _image_sizes(loader)
     staging = torch.empty(1 << 20, dtype=torch.uint8)
-    done, n, cpu0 = 0, 0, None
-    epoch = 0
-    while done < batches + warmup:
-        loader.set_epoch(epoch)
-        loader.loader.next_epoch = epoch
-        it = iter(loader.loader)
-        for step, (images, index) in enumerate(it):
-            if done == warmup:
-                cpu0, wall0 = time.process_time(), time.perf_counter()
-            idx = np.array(index[:, 0], dtype=np.int64)
-            sizes = loader.sizes[idx]
-            if staging.numel() < sizes.sum():
-                staging = torch.empty(2 * int(sizes.sum()), dtype=torch.uint8)
-            pack_rows(images, sizes, staging)
-            hw = torch.from_numpy(sizes_hw[idx])
-            loader.augment.sample_params(hw, augment_generator(0, epoch, 0, step, "cpu"))
-            done += 1
-            if done > warmup:
-                n += len(idx)
-            if done >= batches + warmup:
-                break
-        it.close()
-        epoch += 1
+    n = 0
+    for k, (epoch, (step, rows, idx)) in enumerate(across_epochs(loader, loader.raw_batches, batches + warmup)):
+        if k == warmup:
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+        sizes = loader.sizes[idx]
+        if staging.numel() < sizes.sum():
+            staging = torch.empty(2 * int(sizes.sum()), dtype=torch.uint8)
+        pack_rows(rows, sizes, staging)
+        loader.augment.sample_params(torch.from_numpy(sizes_hw[idx]), augment_generator(0, epoch, 0, step, "cpu"))
+        if k >= warmup:
+            n += len(idx)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     return {"cpu_ms_per_sample": 1000 * cpu / n, "wall_ms_per_sample": 1000 * wall / n, "samples": n}
 
@@ -183,38 +169,30 @@ def dali_host_cost(loader, batches: int, warmup: int) -> dict:
     """CPU time per sample of the DALI path's host side in the training process (pipelines/dali.py prepares each
     step there: read the file, check its header, draw the crop parameters, pack them for DALI); DALI's own
     decoding and crops are excluded (on the GPU in training)."""
-    done = n = 0
-    epoch = 0
-    cpu0 = wall0 = None
-    while done < batches + warmup:
-        loader.set_epoch(epoch)
-        order = list(loader.sampler)
-        for step in range(loader.steps):
-            if done == warmup:
-                cpu0, wall0 = time.process_time(), time.perf_counter()
-            loader._prepare(order, step)
-            done += 1
-            if done > warmup:
-                n += loader.batch_size
-            if done >= batches + warmup:
-                break
-        epoch += 1
+    def steps():
+        order = list(loader.sampler)  # the epoch's order (set_epoch was called)
+        return ((order, step) for step in range(loader.steps))
+
+    n = 0
+    for k, (_, (order, step)) in enumerate(across_epochs(loader, steps, batches + warmup)):
+        if k == warmup:
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+        loader._prepare(order, step)
+        if k >= warmup:
+            n += loader.batch_size
     return {"cpu_ms_per_sample": 1000 * (time.process_time() - cpu0) / n,
             "wall_ms_per_sample": 1000 * (time.perf_counter() - wall0) / n, "samples": n}
 
 
 def _image_sizes(loader) -> np.ndarray:
-    """(height, width) of every sample of the .beton, from the JPEG headers (PIL reads only the header)."""
-    import io
-
-    from PIL import Image
-
+    """(height, width) of every sample of the .beton, from the JPEG frame headers (write_ffcv stores JPEGs only)."""
+    from pipelines.jpeg import jpeg_frame
     from tools.write_ffcv import read_beton_bytes
 
-    out = np.zeros((loader.n, 2), dtype=np.int64)
+    out = np.zeros((loader.num_samples, 2), dtype=np.int64)
     for data, _, i in read_beton_bytes(loader.beton):
-        w, h = Image.open(io.BytesIO(data)).size
-        out[i] = (h, w)
+        frame = jpeg_frame(data)
+        out[i] = (frame.height, frame.width)
     return out
 
 
