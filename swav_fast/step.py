@@ -100,7 +100,7 @@ def train_step(model: nn.Module, optimizer: LARS, crops: list[torch.Tensor], lr:
     if grad_group is not None and isinstance(model, nn.parallel.DistributedDataParallel):
         raise ValueError("grad_group averages the gradients inside the step; a DDP model already averages them")
     if optimizer.param_groups[0]["params"][0].grad is None:  # first step, or just resumed
-        optimizer.prepare()
+        optimizer.prepare()  # grads and momentum made here, so a GraphStep's pool never holds them
     for group in optimizer.param_groups:
         group["lr"] = lr  # host bookkeeping (state_dict); the update reads the device copy below
     if isinstance(core, GraphStep):
@@ -220,9 +220,6 @@ class GraphStep:
                                       cache_enabled=False)
         self._autocast = autocast or contextlib.nullcontext()
         self._n_warm = 0
-        optimizer = bound[1]
-        if optimizer.param_groups[0]["params"][0].grad is None:
-            optimizer.prepare()  # grads and momentum outside the graph's pool: they live across replays
 
     def _body(self) -> torch.Tensor:
         model, optimizer, cfg, _, buffer, process_group, grad_group, _, _ = self._bound
