@@ -82,7 +82,7 @@ from torch.utils.data import DistributedSampler
 
 from pipelines.gpu_augment import BRIGHTNESS, CONTRAST, HUE, SATURATION, GPUMultiCrop, augment_generator
 from pipelines.jpeg import jpeg_frame
-from pipelines.reference import MAX_REPLACEMENTS, DataError, scan_image_folder
+from pipelines.reference import MAX_REPLACEMENTS, DataError, check_start_step, scan_image_folder, steps_per_epoch
 from pipelines.spec import MultiCropBatch, MultiCropSpec, warn_skipped_once
 
 try:
@@ -275,11 +275,8 @@ class DaliLoader:
         self.num_threads, self.prefetch = max(1, workers), max(1, prefetch)
         self.sampler = DistributedSampler(range(len(self.samples)), num_replicas=world_size, rank=rank, shuffle=True,
                                           seed=seed)
-        steps = len(self.sampler) // batch_size
-        if steps == 0:
-            raise DataError(f"{data_path} has {len(self.samples)} images: fewer than one global batch "
-                            f"({batch_size} x {world_size} ranks); lower --batch_size or add images")
-        self.steps = min(steps, max_steps) if max_steps else steps
+        self.steps = steps_per_epoch(len(self.sampler), batch_size, world_size, max_steps, len(self.samples),
+                                     data_path)
         self.augment = GPUMultiCrop(spec)
         self.unreadable: dict[str, str] = {}  # path -> "path (reason)", every unreadable file met so far
         self.skipped: set[str] = set()  # reported once each
@@ -295,8 +292,7 @@ class DaliLoader:
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Select the epoch; iteration then starts at batch `start_step` (resuming mid-epoch yields exactly the
         batches an uninterrupted epoch would have from there on)."""
-        if not 0 <= start_step <= self.steps:
-            raise ValueError(f"start_step {start_step} is outside the epoch's {self.steps} steps")
+        check_start_step(start_step, self.steps)
         self.sampler.set_epoch(epoch)
         self.epoch, self.start_step = epoch, start_step
 

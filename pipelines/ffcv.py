@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from pipelines.gpu_augment import GPUMultiCrop, augment_generator
-from pipelines.reference import DataError
+from pipelines.reference import DataError, check_start_step, steps_per_epoch
 from pipelines.spec import MultiCropBatch, MultiCropSpec, warn_skipped_once
 
 ORDERS = ("random", "quasi_random")
@@ -213,15 +213,11 @@ class FFCVLoader:
             self.page_of_sample = page_of
         self.epoch, self.start_step = 0, 0
         shard = len(self._full_order(0))
-        steps = shard // batch_size
-        if steps == 0 and order == "quasi_random" and len(np.unique(self.page_of_sample)) < 2 * world_size:
+        if shard < batch_size and order == "quasi_random" and len(np.unique(self.page_of_sample)) < 2 * world_size:
             raise DataError(f"{beton} has {len(np.unique(self.page_of_sample))} page(s) of {reader.page_size >> 20} "
                             f"MiB: too few for --ffcv_order quasi_random, which deals whole pages to the "
                             f"{world_size} ranks; use --ffcv_order random (the default)")
-        if steps == 0:
-            raise DataError(f"{beton} has {self.num_samples} images: fewer than one global batch ({batch_size} x "
-                            f"{world_size} ranks); lower --batch_size or add images")
-        self.steps = min(steps, max_steps) if max_steps else steps
+        self.steps = steps_per_epoch(shard, batch_size, world_size, max_steps, self.num_samples, beton)
         self.augment = GPUMultiCrop(spec, resample=resample)
         self.skipped: set[str] = set()
         self._staging: list[torch.Tensor | None] = [None, None]
@@ -249,8 +245,7 @@ class FFCVLoader:
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Select the epoch; iteration then starts at batch `start_step` (resume mid-epoch)."""
-        if not 0 <= start_step <= self.steps:
-            raise ValueError(f"start_step {start_step} is outside the epoch's {self.steps} steps")
+        check_start_step(start_step, self.steps)
         self.epoch, self.start_step = epoch, start_step
 
     # -------------------------------------------------------------------------------------------- batches

@@ -33,6 +33,22 @@ class DataError(ValueError):
     """A problem with the user's data; the message names the path and what to do."""
 
 
+def steps_per_epoch(shard: int, batch_size: int, world_size: int, max_steps: int, n_images: int, source) -> int:
+    """Whole batches in a rank's `shard` of samples (drop_last), capped by `max_steps` (0: no cap); a DataError
+    naming `source` when there is not even one. Every loader counts its epoch so."""
+    steps = shard // batch_size
+    if steps == 0:
+        raise DataError(f"{source} has {n_images} images: fewer than one global batch ({batch_size} x {world_size} "
+                        "ranks); lower --batch_size or add images")
+    return min(steps, max_steps) if max_steps else steps
+
+
+def check_start_step(start_step: int, steps: int) -> None:
+    """set_epoch's check of where a resumed epoch starts (0..steps; steps: nothing left of it)."""
+    if not 0 <= start_step <= steps:
+        raise ValueError(f"start_step {start_step} is outside the epoch's {steps} steps")
+
+
 def scan_image_folder(root: str | Path) -> tuple[list[tuple[str, int]], list[str]]:
     """(path, class index) for every image under root/<class>/, sorted; errors name the directory."""
     if not str(root):
@@ -149,11 +165,8 @@ class ReferenceLoader:
         # multiple of world_size, every rank a disjoint strided shard; the DataLoader drops the last partial batch.
         self.sampler = DistributedSampler(self.dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
         self.batch_size, self.device, self.workers = batch_size, device, workers
-        steps = len(self.sampler) // batch_size
-        if steps == 0:
-            raise DataError(f"{data_path} has {len(self.dataset)} images: fewer than one global batch "
-                            f"({batch_size} x {world_size} ranks); lower --batch_size or add images")
-        self.steps = min(steps, max_steps) if max_steps else steps
+        self.steps = steps_per_epoch(len(self.sampler), batch_size, world_size, max_steps, len(self.dataset),
+                                     data_path)
         self.skipped: set[str] = set()  # every undecodable file met so far, reported once each
         self.start_step = 0
 
@@ -163,8 +176,7 @@ class ReferenceLoader:
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Select the epoch; iteration then starts at batch `start_step` (resuming mid-epoch yields exactly
         the batches an uninterrupted epoch would have from there on)."""
-        if not 0 <= start_step <= self.steps:
-            raise ValueError(f"start_step {start_step} is outside the epoch's {self.steps} steps")
+        check_start_step(start_step, self.steps)
         self.sampler.set_epoch(epoch)
         self.dataset.epoch = epoch
         self.start_step = start_step
