@@ -240,7 +240,7 @@ class GPUMultiCrop:
             if self.spec.jitter_prob > 0:
                 x = color_jitter(x, p.jitter, p.jitter_factors, p.jitter_order, luma, self.factor_hi[HUE] > 0)
             if self.spec.grayscale_prob > 0:
-                x = torch.where(p.gray.view(-1, 1, 1, 1), (x * luma).sum(1, keepdim=True).expand_as(x), x)
+                x = torch.where(p.gray.view(-1, 1, 1, 1), _gray(x, luma).expand_as(x), x)
             if self.spec.blur_prob > 0:
                 x = gaussian_blur(x, p.blur, p.blur_sigma, taps)
             x = x.view(n_img, g.count, 3, g.size, g.size)
