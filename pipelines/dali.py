@@ -82,7 +82,12 @@ from torch.utils.data import DistributedSampler
 
 from pipelines.gpu_augment import BRIGHTNESS, CONTRAST, HUE, SATURATION, GPUMultiCrop, augment_generator
 from pipelines.jpeg import jpeg_frame
-from pipelines.reference import MAX_REPLACEMENTS, DataError, check_start_step, scan_image_folder, steps_per_epoch
+from pipelines.reference import (
+    check_start_step,
+    read_with_replacement,
+    scan_image_folder,
+    steps_per_epoch,
+)
 from pipelines.spec import MultiCropBatch, MultiCropSpec, warn_skipped_once
 
 try:
@@ -325,20 +330,10 @@ class DaliLoader:
 
     # ------------------------------------------------------------------------------------------- host side
     def _load(self, index: int) -> tuple[str, np.ndarray, tuple[int, int], list[str]]:
-        skipped = []
-        for k in range(MAX_REPLACEMENTS + 1):
-            path = self.samples[(index + k) % len(self.samples)][0]
-            if path in self.unreadable:
-                skipped.append(self.unreadable[path])
-                continue
-            try:
-                data, size = read_image(path)
-                return path, data, size, skipped
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                self.unreadable[path] = f"{path} ({type(e).__name__}: {e})"
-                skipped.append(self.unreadable[path])
-        raise DataError(f"{MAX_REPLACEMENTS + 1} images in a row from {self.samples[index][0]} could not be decoded: "
-                        "check the dataset")
+        path, (data, size), skipped = read_with_replacement(
+            self.samples, index, read_image, (OSError, ValueError, SyntaxError, Image.DecompressionBombError),
+            self.unreadable)
+        return path, data, size, skipped
 
     def _prepare(self, order: list[int], step: int) -> _Step:
         index = order[step * self.batch_size:(step + 1) * self.batch_size]

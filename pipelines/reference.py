@@ -33,6 +33,27 @@ class DataError(ValueError):
     """A problem with the user's data; the message names the path and what to do."""
 
 
+def read_with_replacement(samples: list[tuple[str, int]], index: int, read, errors: tuple[type[Exception], ...],
+                          unreadable: dict[str, str] | None = None) -> tuple[str, object, list[str]]:
+    """(path, read(path), skipped) for the first of samples index, index + 1, ... (cyclic) that `read` accepts;
+    `skipped` names each file passed over and why. `unreadable` (path -> that entry), when given, remembers
+    failures so a file is not read again. A DataError after MAX_REPLACEMENTS + 1 failures in a row."""
+    skipped = []
+    for k in range(MAX_REPLACEMENTS + 1):
+        path = samples[(index + k) % len(samples)][0]
+        if unreadable is not None and path in unreadable:
+            skipped.append(unreadable[path])
+            continue
+        try:
+            return path, read(path), skipped
+        except errors as e:
+            skipped.append(f"{path} ({type(e).__name__}: {e})")
+            if unreadable is not None:
+                unreadable[path] = skipped[-1]
+    raise DataError(f"{MAX_REPLACEMENTS + 1} images in a row from {samples[index][0]} could not be decoded: "
+                    "check the dataset")
+
+
 def steps_per_epoch(shard: int, batch_size: int, world_size: int, max_steps: int, n_images: int, source) -> int:
     """Whole batches in a rank's `shard` of samples (drop_last), capped by `max_steps` (0: no cap); a DataError
     naming `source` when there is not even one. Every loader counts its epoch so."""
@@ -115,6 +136,11 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (x ^ (x >> 31)) >> 1
 
 
+def _open_rgb(path: str) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
 class MultiCropDataset(Dataset):
     """ImageFolder images -> (list of crop tensors, index, skipped file names)."""
 
@@ -127,17 +153,10 @@ class MultiCropDataset(Dataset):
         return len(self.samples)
 
     def _open(self, index: int) -> tuple[Image.Image, list[str]]:
-        skipped = []
-        for k in range(MAX_REPLACEMENTS + 1):
-            path = self.samples[(index + k) % len(self.samples)][0]
-            try:
-                with Image.open(path) as im:
-                    return im.convert("RGB"), skipped
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
-                # Reported by the loader in the main process (a worker's warning would be lost or repeated).
-                skipped.append(f"{path} ({type(e).__name__}: {e})")
-        raise DataError(f"{MAX_REPLACEMENTS + 1} images in a row from {self.samples[index][0]} could not be decoded: "
-                        "check the dataset")
+        # skipped files are reported by the loader in the main process (a worker's warning would be lost or repeated)
+        _, img, skipped = read_with_replacement(self.samples, index, _open_rgb,
+                                                (OSError, ValueError, Image.DecompressionBombError))
+        return img, skipped
 
     def __getitem__(self, index: int) -> tuple[list[torch.Tensor], int, list[str]]:
         img, skipped = self._open(index)
