@@ -119,6 +119,20 @@ def synthetic_crops(batch: int, sizes: list[int], counts: list[int], device: tor
             for s, n in zip(sizes, counts, strict=True) for _ in range(n)]
 
 
+def time_ms(call, on_cuda: bool) -> float:
+    """Milliseconds of one call: CUDA events around it on GPU (then a sync), wall clock on CPU."""
+    if on_cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t = time.perf_counter()
+    call()
+    return (time.perf_counter() - t) * 1e3
+
+
 def profile(mode: str, cfg: Config, device: torch.device, batch: int, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
     if device.type == "cuda":
@@ -164,17 +178,7 @@ def profile(mode: str, cfg: Config, device: torch.device, batch: int, steps: int
         if mode != "graph":
             torch.cuda.reset_peak_memory_stats()
     for i in range(steps):
-        if on_cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run(it0 + warmup + 1 + i)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            run(it0 + warmup + 1 + i)
-            times.append((time.perf_counter() - t) * 1e3)
+        times.append(time_ms(lambda i=i: run(it0 + warmup + 1 + i), on_cuda))
     ms = statistics.median(times)
     return {"mode": mode, "ms_per_step": ms, "ms_min": min(times), "samples_per_s": batch / ms * 1e3,
             "host_syncs_per_step": counter.syncs if counter else None,
@@ -220,19 +224,7 @@ def time_sinkhorn(device: torch.device, k: int, b: int, eps: float, n_iters: int
         fn = sinkhorn_function(impl)
         for _ in range(3):
             fn(scores, eps, n_iters)
-        times = []
-        for _ in range(reps):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn(scores, eps, n_iters)
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t = time.perf_counter()
-                fn(scores, eps, n_iters)
-                times.append((time.perf_counter() - t) * 1e3)
+        times = [time_ms(lambda fn=fn: fn(scores, eps, n_iters), device.type == "cuda") for _ in range(reps)]
         out.append({"impl": impl, "k": k, "b": b, "ms": statistics.median(times), "ms_min": min(times)})
     return out
 
