@@ -359,11 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     # ============================== export ==============================
     if info.is_main:
         metrics.close()
-        if stop_now:
-            log(f"stopped by signal {stop_signal[0] if stop_signal else '(on another rank)'} with a checkpoint at "
-                f"iteration {iteration}; continue with: python train.py --run_dir {run_dir} --resume auto",
-                highlight=False)
-        elif last_epoch >= cfg.epochs:
+        finished = not stop_now and last_epoch >= cfg.epochs
+        if finished:
             out = run_dir / f"trunk_{cfg.arch}.pth"
             ckpt.export_trunk(core.state_dict(), out)
             log(f"exported the trunk to {out} (loads into torchvision.models.{cfg.arch}(); fc.* is not included)",
@@ -375,9 +372,13 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001
             log(f"note: no plots ({type(e).__name__}: {e}); python tools/plot_metrics.py {run_dir} makes them later",
                 highlight=False)
-        else:
-            log(f"stopped after epoch {last_epoch} as asked; continue with: python train.py --run_dir {run_dir} "
-                "--resume auto", highlight=False)
+        resume_hint = f"continue with: python train.py --run_dir {run_dir} --resume auto"
+        if stop_now:
+            log(f"stopped by signal {stop_signal[0] if stop_signal else '(on another rank)'} with a checkpoint at "
+                f"iteration {iteration}; {resume_hint}", highlight=False)
+        elif not finished:
+            log(f"stopped after epoch {last_epoch} of {cfg.epochs} as asked (--stop_after_epoch); {resume_hint}",
+                highlight=False)
     shutdown()
     return 0
 

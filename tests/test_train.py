@@ -39,10 +39,14 @@ def step_losses(run_dir: Path, epoch: int) -> list[float]:
     return [r["loss"] for r in rows if r.get("epoch") == epoch and "event" not in r]
 
 
-def test_two_epochs_then_resume_gives_the_same_losses(digits_dir, tmp_path):
+def test_two_epochs_then_resume_gives_the_same_losses(digits_dir, tmp_path, capsys):
     full, split = tmp_path / "full", tmp_path / "split"
     assert run(digits_dir, full) == 0
+    err = capsys.readouterr().err
+    assert "exported the trunk" in err and "stopped" not in err and "--resume auto" not in err  # a finished run
     assert run(digits_dir, split, "--stop_after_epoch", "1") == 0
+    err = capsys.readouterr().err
+    assert "stopped after epoch 1 of 2 as asked" in err and "--resume auto" in err and "exported" not in err
     assert not (split / "trunk_resnet18.pth").exists()  # not finished yet
     state = ckpt.load(latest(split))
     assert state["epoch"] == 1 and state["step_in_epoch"] == 0 and state["iteration"] == 4
