@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,19 @@ def write_digits(root: Path, per_class: int, size: int = 32, offset: int = 0) ->
             img = Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).resize((size, size), Image.BICUBIC)
             img.convert("RGB").save(root / str(c) / f"{i:05d}.jpg", quality=95)
     return root
+
+
+@pytest.fixture
+def no_ffcv(monkeypatch) -> None:
+    """Make every import of ffcv fail, as on a machine without it."""
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kw):
+        if name == "ffcv" or name.startswith("ffcv."):
+            raise ImportError("No module named 'ffcv'")
+        return real_import(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ order; the augmentation itself is tested op by op in tests/test_gpu_augment.py).
 
 from __future__ import annotations
 
-import builtins
 import shutil
 from pathlib import Path
 
@@ -262,15 +261,7 @@ def test_errors_name_the_file_and_the_fix(tmp_path, photo_folder, beton):
         loader(beton, order="sorted")
 
 
-def test_missing_ffcv_gives_one_clear_line(monkeypatch, beton):
-    real_import = builtins.__import__
-
-    def fake_import(name, *args, **kw):
-        if name == "ffcv" or name.startswith("ffcv."):
-            raise ImportError("No module named 'ffcv'")
-        return real_import(name, *args, **kw)
-
-    monkeypatch.setattr(builtins, "__import__", fake_import)
+def test_missing_ffcv_gives_one_clear_line(beton, no_ffcv):
     with pytest.raises(ImportError, match="make env"):
         open_beton(beton)
 

@@ -281,3 +281,14 @@ def test_beton_images_reads_what_the_loader_reads(mixed_folder, written):
     assert data.transform is None
     data.transform = lambda im: im.size
     assert data[0] == (Image.open(valid[0]).size, 0)
+
+
+def test_missing_ffcv_is_one_line_before_any_image_is_read(tmp_path, no_ffcv, monkeypatch, capsys):
+    src = write_digits(tmp_path / "digits", per_class=2)
+    read = []
+    monkeypatch.setattr(write_ffcv, "read_source", lambda *a, **k: read.append(a) or ([], [], "folder"))
+    out = tmp_path / "x.beton"
+    assert write_ffcv.main([str(src), str(out), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "make env" in err and "Traceback" not in err
+    assert read == [] and not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "digits"]

@@ -334,8 +334,9 @@ def write_beton(source: str | Path, out: str | Path, max_side: int = DEFAULT_MAX
                 progress: bool = True) -> dict:
     """Write ``source`` (ImageFolder root or ``path,label`` CSV) to the .beton ``out``; returns the sidecar dict.
 
-    Raises DataError for unusable input (including zero valid images) and FileExistsError when ``out``
-    exists and ``force`` is False (nothing is touched then).
+    Raises DataError for unusable input (including zero valid images), FileExistsError when ``out``
+    exists and ``force`` is False (nothing is touched then), and ImportError (saying how to install it) when
+    ffcv is missing, before any image is read.
     """
     if not 8 <= max_side <= 16384:
         raise ValueError(f"max_side must be in [8, 16384], got {max_side}")
@@ -350,6 +351,7 @@ def write_beton(source: str | Path, out: str | Path, max_side: int = DEFAULT_MAX
     if out.exists() and not force:
         raise FileExistsError(f"output '{out}' already exists; it was left untouched (pass --force / force=True "
                               "to overwrite it)")
+    import_ffcv()  # first, so a missing ffcv costs no validation pass; keeps torch's thread count (see there)
 
     samples, classes, kind = read_source(source)
     results = _validate([p for p, _ in samples], max_side, workers, progress)
@@ -369,7 +371,6 @@ def write_beton(source: str | Path, out: str | Path, max_side: int = DEFAULT_MAX
         raise DataError(f"no valid images in '{source}': all {len(samples)} files were skipped ({shown}"
                         f"{'; ...' if len(skipped) > 5 else ''})")
 
-    import_ffcv()  # keeps torch's thread count (see there)
     from ffcv.fields import BytesField, IntField
     from ffcv.reader import Reader
     from ffcv.writer import DatasetWriter
@@ -560,7 +561,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         meta = write_beton(args.source, args.out, max_side=args.max_side, quality=args.quality,
                            workers=args.workers, force=args.force)
-    except (DataError, FileExistsError, ValueError) as exc:
+    except (DataError, FileExistsError, ValueError, ImportError) as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         return 2
     c = meta["counts"]
