@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{kept[-1] if kept else '(none yet)'}. Common causes: too high a learning rate, fp16 overflow, "
             "unnormalised features (REFERENCE section 9)", highlight=False)
         write_metrics({"event": "non_finite_loss", "iteration": iteration, "message": str(e)})
-        shutdown()
+        shutdown(model)
         return 3
     finally:
         for sig, handler in previous_handlers.items():
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         elif not finished:
             log(f"stopped after epoch {last_epoch} of {cfg.epochs} as asked (--stop_after_epoch); {resume_hint}",
                 highlight=False)
-    shutdown()
+    shutdown(model)
     return 0
 
 

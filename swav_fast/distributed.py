@@ -46,7 +46,19 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local, dev)
 
 
-def shutdown() -> None:
+def shutdown(model: torch.nn.Module | None = None) -> None:
+    """Leave the process group; pass the DDP-wrapped model, if any.
+
+    DDP's reducer owns a reference to the group. Were it the last owner, the group would be destroyed when the
+    reducer is freed, with the GIL held, while a gloo worker thread may still be freeing the Python tensors of a
+    finished collective and waiting for the GIL: a deadlock at exit. Seen with torch 2.11 and gloo in 4 of 8
+    2-rank CPU runs (rank 1 stuck in ~ProcessGroupGloo's thread join). Dropping the reducer first leaves
+    destroy_process_group, which releases the GIL, to free the group.
+    """
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        for name in ("logger", "reducer"):  # the logger holds the reducer too
+            if hasattr(model, name):
+                delattr(model, name)
     if dist.is_initialized():
         dist.destroy_process_group()
 

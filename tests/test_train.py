@@ -106,6 +106,26 @@ def test_torchrun_two_ranks_on_cpu(digits_dir, tmp_path):
     assert len(step_losses(run_dir, 1)) == 4
 
 
+def test_shutdown_drops_ddp_reducer_before_the_group(tmp_path):
+    """shutdown(ddp) frees DDP's reducer (an owner of the process group) before destroying the group, so that the
+    group is not freed later by the reducer with the GIL held (a gloo exit deadlock seen with torch 2.11)."""
+    import torch.distributed as dist
+
+    from swav_fast.distributed import shutdown
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    ddp = None
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
+        ddp(torch.randn(4, 3)).sum().backward()
+        assert hasattr(ddp, "reducer") and hasattr(ddp, "logger")
+    finally:
+        shutdown(ddp)
+    assert not dist.is_initialized()
+    assert not hasattr(ddp, "reducer") and not hasattr(ddp, "logger")
+    shutdown(torch.nn.Linear(3, 2))  # no group, no DDP: nothing to do
+
+
 def test_existing_run_is_not_overwritten(digits_dir, tmp_path, capsys):
     run_dir = tmp_path / "r"
     assert run(digits_dir, run_dir, "--epochs", "2", "--stop_after_epoch", "1") == 0
