@@ -81,7 +81,7 @@ def sinkhorn_function(impl: str):
 def compiled_step_core(backend: str = "inductor"):
     """step_core as one torch.compile(fullgraph=True) graph: any graph break (a host sync, a Python branch on a
     tensor value) is an error instead of a silent slowdown."""
-    if hasattr(torch._dynamo.config, "trace_autograd_ops"):  # lets dynamo trace loss.backward() (torch >= 2.14)
+    if hasattr(torch._dynamo.config, "trace_autograd_ops"):  # lets dynamo trace loss.backward() (2.11 and 2.14 have it)
         torch._dynamo.config.trace_autograd_ops = True
     return torch.compile(step_core, fullgraph=True, backend=backend)
 
