@@ -115,6 +115,29 @@ def test_profile_step_cli_prints_the_table(capsys, tmp_path):
     assert rep["sinkhorn"][0]["ms"] > 0
 
 
+def test_profile_step_reports_a_failing_mode_and_runs_the_others(capsys, tmp_path, monkeypatch):
+    import json
+
+    import tools.profile_step as ps
+
+    real = ps.profile
+
+    def flaky(mode, *a, **k):
+        if mode == "eager":
+            raise RuntimeError("capture went wrong")
+        return real(mode, *a, **k)
+
+    monkeypatch.setattr(ps, "profile", flaky)
+    out = tmp_path / "p.json"
+    assert ps.main(["--device", "cpu", "--arch", "resnet18", "--batch", "4", "--sizes", "32", "16", "--counts", "2",
+                    "1", "--prototypes", "10", "--queue", "0", "--steps", "1", "--warmup", "1", "--modes", "eager",
+                    "official", "--sinkhorn-shape", "30", "40", "--json", str(out)]) == 1
+    assert "eager     FAILED: RuntimeError: capture went wrong" in capsys.readouterr().out
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["eager"]["error"] == "RuntimeError: capture went wrong" and "ms_per_step" not in rows["eager"]
+    assert rows["official"]["ms_per_step"] > 0 and rows["official"]["tflops_per_s"] > 0
+
+
 def test_step_flops_match_torchvision_resnet18_count():
     """224-px images through resnet18: forward + backward = 3 x forward (grads of inputs and of weights),
     torchvision's published forward count is 1.814 G multiply-adds = 3.63 GFLOP (the head adds < 1 %)."""
