@@ -1,0 +1,152 @@
+"""tools/gpu_suite.sh and tools/gpu_suite_report.py without a GPU: the stage logic, and the report built from real
+outputs of the profilers and of train.py run on CPU (the figures differ on a GPU, the file formats do not)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import TINY
+
+import train
+from tools import gpu_suite_report, profile_pipeline, profile_step
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tools" / "gpu_suite.sh"
+
+
+def suite_copy(tmp_path: Path) -> Path:
+    """The script and its report writer in a scratch checkout, so the report stage appends to a scratch
+    BENCHMARKS.md and never to the repository's."""
+    root = tmp_path / "checkout"
+    (root / "tools").mkdir(parents=True)
+    for name in ("gpu_suite.sh", "gpu_suite_report.py"):
+        shutil.copy(REPO / "tools" / name, root / "tools" / name)
+    return root
+
+
+def bash(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(root / "tools" / "gpu_suite.sh"), *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHON": sys.executable, **env})
+
+
+def test_script_parses():
+    assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
+
+
+def test_unknown_stage_is_named(tmp_path):
+    res = bash(suite_copy(tmp_path), "tests", "benchmarks")
+    assert res.returncode == 2 and "unknown stage 'benchmarks'" in res.stdout and "tests step pipeline" in res.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no CUDA device")
+def test_gpu_stages_refuse_without_cuda(tmp_path):
+    res = bash(suite_copy(tmp_path), "tests")
+    assert res.returncode == 1 and "sees no CUDA device" in res.stdout
+
+
+def test_report_stage_with_nothing_run_names_every_gap(tmp_path):
+    root = suite_copy(tmp_path)
+    out = tmp_path / "out"
+    res = bash(root, "report", SUITE_DIR=str(tmp_path / "suite"), COPY_TO=str(out))
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = (root / "BENCHMARKS.md").read_text()
+    assert "## GPU suite" in rows and "tests not run" in rows and "GPU-only tests: not run" in rows
+    assert rows.count("not measured") == 5 and "met**" not in rows  # five targets, none measured
+    for gap in ("GPU-only tests", "profile_step", "profile_pipeline", "training smoke run", "graph mode training"):
+        assert gap in res.stdout
+    assert (out / "benchmark_rows.md").read_text() == rows
+
+
+@pytest.fixture(scope="module")
+def cpu_suite(tmp_path_factory, digits_dir, photo_folder) -> Path:
+    """A suite directory filled by the real tools on CPU, at tiny sizes."""
+    suite = tmp_path_factory.mktemp("suite")
+    (suite / "status").mkdir()
+    (suite / "env.json").write_text(json.dumps({"device": "cpu", "stack": f"torch {torch.__version__}"}))
+    assert profile_step.main(["--device", "cpu", "--arch", "resnet18", "--batch", "4", "--sizes", "32", "16",
+                              "--counts", "2", "1", "--prototypes", "10", "--queue", "8", "--steps", "1", "--warmup",
+                              "1", "--modes", "official", "eager", "--sinkhorn-shape", "30", "40",
+                              "--json", str(suite / "profile_step.json")]) == 0
+    assert profile_pipeline.main(["--data", str(photo_folder), "--pipelines", "reference", "--batch-size", "4",
+                                  "--batches", "1", "--warmup", "1", "--workers", "0", "--sizes", "32", "16",
+                                  "--counts", "2", "2", "--host-cost", "4",
+                                  "--json", str(suite / "profile_pipeline.json")]) == 0
+    for name in ("smoke_run", "modes_eager"):
+        assert train.main([*TINY, "--data_path", str(digits_dir), "--run_dir", str(suite / name)]) == 0
+    (suite / "tests.txt").write_text("....\n4 passed in 1.00s\n")
+    for name in ("tests", "step", "pipeline", "smoke", "modes_eager"):
+        (suite / "status" / f"{name}.json").write_text(json.dumps({"status": "ok", "seconds": 3, "log": "x"}))
+    return suite
+
+
+def test_report_from_real_cpu_outputs(cpu_suite):
+    lines, problems = gpu_suite_report.report(cpu_suite, "2026-01-02")
+    text = "".join(lines)
+    prof = json.loads((cpu_suite / "profile_step.json").read_text())
+    official = next(r for r in prof["rows"] if r["mode"] == "official")
+    assert "## GPU suite, 2026-01-02, cpu" in text
+    assert f"| official | {official['ms_per_step']:.2f} | {official['samples_per_s']:.0f} |" in text
+    assert "- Sinkhorn alone, K 30 x B 40: reference" in text
+    assert "| decode+augment |" in text and "| reference |" in text and "host CPU time per sample, reference" in text
+    assert "training smoke run (reference pipeline, graph mode, 64 images per step): ok, 3 s; 2 epochs" in text
+    assert "- compile vs eager: no comparison (0 of 8 steps)" in text
+    # no graph row and no fused Sinkhorn on CPU; the decode+augment figure exists and is far below 3000 samples/s
+    assert text.count("not measured") == 4 and "device-side decode + augment >= 3000 samples/s" in text
+    assert any(p.startswith("target not met: device-side decode") for p in problems)
+    assert any("compile mode training run: not run" in p for p in problems)
+
+
+def test_report_verdicts_follow_the_figures(cpu_suite, tmp_path):
+    """The same outputs with a graph row, a fused Sinkhorn and identical mode losses added: every verdict is the
+    comparison of the figure with its target, both ways."""
+    suite = tmp_path / "suite"
+    shutil.copytree(cpu_suite, suite)
+    prof = json.loads((suite / "profile_step.json").read_text())
+    official = next(r for r in prof["rows"] if r["mode"] == "official")
+    official["samples_per_s"] = 900.0
+    prof["rows"].append({**official, "mode": "graph", "samples_per_s": 1850.0, "host_syncs_per_step": 0})
+    prof["sinkhorn"].append({"impl": "triton", "k": 30, "b": 40, "ms": 0.08, "ms_min": 0.07})
+    (suite / "profile_step.json").write_text(json.dumps(prof))
+    for mode in ("compile", "graph"):
+        shutil.copytree(suite / "modes_eager", suite / f"modes_{mode}")
+        (suite / "status" / f"modes_{mode}.json").write_text(json.dumps({"status": "ok", "seconds": 1}))
+    text = "".join(gpu_suite_report.report(suite, "2026-01-02")[0])
+    assert "graph mode >= 1800 samples/s per GPU: 1850 samples/s, **met**" in text
+    assert "graph mode >= 2x the official-style step: 2.06x, **met**" in text
+    assert "0 host syncs per step in graph mode: 0, **met**" in text
+    assert "fused Sinkhorn <= 0.1 ms at K 3000 x B 3904: 0.080 ms, **met**" in text
+    assert "- compile vs eager, 8 steps (bf16): largest loss difference 0.00e+00" in text
+
+    prof["rows"][-1].update(samples_per_s=1700.0, host_syncs_per_step=2)
+    prof["rows"].append({"mode": "compile", "error": "BackendCompilerFailed: boom", "device": "cpu"})
+    prof["sinkhorn"][-1]["ms"] = 0.25
+    (suite / "profile_step.json").write_text(json.dumps(prof))
+    lines, problems = gpu_suite_report.report(suite, "2026-01-02")
+    text = "".join(lines)
+    assert "graph mode >= 1800 samples/s per GPU: 1700 samples/s, **NOT met**" in text
+    assert "0 host syncs per step in graph mode: 2, **NOT met**" in text
+    assert "fused Sinkhorn <= 0.1 ms at K 3000 x B 3904: 0.250 ms, **NOT met**" in text
+    assert "| compile | FAILED: BackendCompilerFailed: boom |" in text
+    assert "profile_step compile mode: BackendCompilerFailed: boom" in problems
+
+
+def test_copy_to_keeps_the_small_outputs_only(cpu_suite, tmp_path):
+    root = suite_copy(tmp_path)
+    suite = tmp_path / "suite"
+    shutil.copytree(cpu_suite, suite)
+    (suite / "synthetic" / "c0").mkdir(parents=True)
+    (suite / "synthetic" / "c0" / "notes.txt").write_text("not copied")
+    out = tmp_path / "out"
+    res = bash(root, "report", SUITE_DIR=str(suite), COPY_TO=str(out))
+    assert res.returncode == 0, res.stdout + res.stderr
+    copied = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert "benchmark_rows.md" in copied and "profile_step.json" in copied and "smoke_run/metrics.jsonl" in copied
+    assert not any(c.startswith("synthetic") or c.endswith(".pth") for c in copied)
+    assert any(p.suffix == ".pth" for p in suite.rglob("*"))  # checkpoints and trunks were there, and stayed
