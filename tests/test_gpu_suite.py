@@ -150,3 +150,37 @@ def test_copy_to_keeps_the_small_outputs_only(cpu_suite, tmp_path):
     assert "benchmark_rows.md" in copied and "profile_step.json" in copied and "smoke_run/metrics.jsonl" in copied
     assert not any(c.startswith("synthetic") or c.endswith(".pth") for c in copied)
     assert any(p.suffix == ".pth" for p in suite.rglob("*"))  # checkpoints and trunks were there, and stayed
+
+
+def test_a_cut_off_profile_keeps_its_finished_modes(cpu_suite, tmp_path):
+    """profile_step writes its rows after every mode; a time limit in a later mode leaves those rows, reported as
+    partial."""
+    suite = tmp_path / "suite"
+    shutil.copytree(cpu_suite, suite)
+    prof = json.loads((suite / "profile_step.json").read_text())
+    partial = {"args": {**prof["args"], "modes": ["official", "eager", "graph", "compile"]},
+               "rows": [r for r in prof["rows"] if r["mode"] == "official"], "partial": True}
+    (suite / "profile_step.json").write_text(json.dumps(partial))
+    (suite / "status" / "step.json").write_text(json.dumps({"status": "timed out after 540 s", "seconds": 550}))
+    lines, problems = gpu_suite_report.report(suite, "2026-01-02")
+    text = "".join(lines)
+    assert "FLOPs not counted" in text and "| official |" in text and "| - | - |" in text  # no TFLOP/s, no MFU
+    assert "profile_step stopped after 1 of 4 modes: timed out after 540 s, 550 s" in " ".join(problems)
+
+
+def test_profile_step_writes_rows_after_each_mode(tmp_path, monkeypatch):
+    seen = []
+    real = profile_step.profile
+
+    def spy(mode, *a, **k):
+        out = tmp_path / "p.json"
+        seen.append([r["mode"] for r in json.loads(out.read_text())["rows"]] if out.exists() else None)
+        return real(mode, *a, **k)
+
+    monkeypatch.setattr(profile_step, "profile", spy)
+    out = str(tmp_path / "p.json")
+    assert profile_step.main(["--device", "cpu", "--arch", "resnet18", "--batch", "2", "--sizes", "32", "--counts",
+                              "2", "--prototypes", "10", "--queue", "0", "--steps", "1", "--warmup", "1", "--modes",
+                              "official", "eager", "--sinkhorn-shape", "10", "8", "--json", out]) == 0
+    assert seen == [None, ["official"]]
+    assert "partial" not in json.loads((tmp_path / "p.json").read_text())

@@ -81,9 +81,14 @@ def report(suite: Path, today: str) -> tuple[list[str], list[str]]:
         problems.append(f"profile_step: {_status(suite, 'step')} (see {suite / 'profile_step.txt'})")
     else:
         a = prof.get("args", {})
+        if prof.get("partial"):
+            problems.append(f"profile_step stopped after {len(prof.get('rows', []))} of {len(a.get('modes') or [])} "
+                            f"modes: {_status(suite, 'step')} (see {suite / 'profile_step.txt'})")
+        flops = (f"{prof['flops_per_step'] / 1e9:.1f} GFLOP per step" if prof.get("flops_per_step")
+                 else "FLOPs not counted")
         lines.append(f"\n{a.get('arch', '?')}, {a.get('batch', '?')} images x {a.get('counts', '?')} crops of "
                      f"{a.get('sizes', '?')}, K {a.get('prototypes', '?')}, queue {a.get('queue', '?')}, "
-                     f"{prof.get('flops_per_step', 0) / 1e9:.1f} GFLOP per step:\n\n"
+                     f"{flops}:\n\n"
                      "| mode | ms/step | samples/s | host syncs | ATen ops | peak GiB | TFLOP/s | MFU |\n"
                      "|---|---|---|---|---|---|---|---|\n")
         for r in prof.get("rows", []):
@@ -94,8 +99,9 @@ def report(suite: Path, today: str) -> tuple[list[str], list[str]]:
             syncs, ops = ("-" if r.get(k) is None else r[k] for k in ("host_syncs_per_step", "aten_ops_per_step"))
             mem = "-" if r.get("peak_mem_gib") is None else f"{r['peak_mem_gib']:.2f}"
             mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f} %"
+            tflops = "-" if r.get("tflops_per_s") is None else f"{r['tflops_per_s']:.1f}"
             lines.append(f"| {r['mode']} | {r['ms_per_step']:.2f} | {r['samples_per_s']:.0f} | {syncs} | {ops} "
-                         f"| {mem} | {r.get('tflops_per_s', 0):.1f} | {mfu} |\n")
+                         f"| {mem} | {tflops} | {mfu} |\n")
             if r["mode"] == "graph":
                 graph_sps, graph_syncs = r["samples_per_s"], r.get("host_syncs_per_step")
             elif r["mode"] == "official":
