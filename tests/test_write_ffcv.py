@@ -203,6 +203,36 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     assert list(out.parent.iterdir()) == []
 
 
+@pytest.mark.parametrize("how", ["killed", "uncaught"])
+def test_a_dead_writer_worker_is_an_error_not_a_hang(tmp_path, monkeypatch, how):
+    """ffcv's DatasetWriter waits forever for a worker that died (OOM killer, a signal, an error it does not
+    catch); write_beton notices, stops the other workers and says what happened."""
+    import os
+    import signal
+    import time
+
+    src = write_digits(tmp_path / "digits", per_class=4)
+    real = write_ffcv._PreparedImages.__getitem__
+
+    def dies_on_the_third(self, i):  # runs in ffcv's forked workers
+        if i == 2:
+            if how == "killed":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise MemoryError("simulated")  # escapes __getitem__'s own handler: ffcv's worker dies with it
+        return real(self, i)
+
+    monkeypatch.setattr(write_ffcv._PreparedImages, "__getitem__", dies_on_the_third)
+    out = tmp_path / "out" / "d.beton"
+    t0 = time.perf_counter()
+    match = "killed by signal 9 .*out-of-memory" if how == "killed" else "exited with code 1"
+    with pytest.raises(write_ffcv.WorkerDied, match=match):
+        write_beton(src, out, max_side=16, workers=2, progress=False)
+    assert time.perf_counter() - t0 < 60
+    assert list(out.parent.iterdir()) == []  # no .beton, no temporary file, no failure log
+    monkeypatch.undo()
+    assert write_beton(src, out, max_side=16, workers=2, progress=False)["counts"]["written"] == 40  # then works
+
+
 def test_csv_input(tmp_path, mixed_folder):
     imgs = tmp_path / "lists" / "imgs"
     imgs.mkdir(parents=True)

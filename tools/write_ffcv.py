@@ -58,11 +58,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 import zlib
@@ -229,6 +232,66 @@ class _PreparedImages:
         return np.frombuffer(payload, dtype=np.uint8), label, i
 
 
+class WorkerDied(DataError):
+    """An ffcv writer process ended before its work was done (killed, out of memory, or an uncaught error)."""
+
+
+@contextlib.contextmanager
+def _watch_ffcv_workers(poll_s: float = 0.5):
+    """Turn a dead ffcv writer worker into WorkerDied instead of a hang.
+
+    ffcv's DatasetWriter polls a shared counter until every sample is written; if a worker process dies (the
+    kernel's OOM killer, a signal, an error ffcv does not catch), the counter stops and it waits forever. Here
+    the Process class ffcv uses is wrapped to record the workers, and a thread sends SIGINT to the main thread
+    as soon as one of them has exited with a non-zero code; the other workers are then stopped. Needs the
+    default SIGINT handler (KeyboardInterrupt), which write_ffcv's CLI has.
+    """
+    import ffcv.writer
+
+    workers: list = []
+    real_process = ffcv.writer.Process
+
+    def recording_process(*args, **kwargs):
+        proc = real_process(*args, **kwargs)
+        workers.append(proc)
+        return proc
+
+    dead: list[int] = []
+    stop, lock = threading.Event(), threading.Lock()
+
+    def watch() -> None:
+        while not stop.wait(poll_s):
+            bad = [w.exitcode for w in list(workers) if w.exitcode not in (None, 0)]
+            with lock:  # never signals once the main thread has left the block
+                if bad and not stop.is_set():
+                    dead.append(bad[0])
+                    # a real SIGINT aimed at the main thread: it also wakes a blocking read (ffcv's queue.get)
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                    return
+
+    ffcv.writer.Process = recording_process
+    thread = threading.Thread(target=watch, name="ffcv-worker-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not dead:
+            raise  # a real Ctrl-C
+        code = dead[0]
+        how = (f"was killed by signal {-code}" + (" (SIGKILL: often the out-of-memory killer; try fewer --workers)"
+                                                   if code == -9 else "")) if code < 0 else f"exited with code {code}"
+        raise WorkerDied(f"an ffcv writer process {how}; the other workers were stopped") from None
+    finally:
+        with lock:
+            stop.set()
+        thread.join()
+        ffcv.writer.Process = real_process
+        for w in workers:
+            if w.is_alive():
+                w.terminate()
+            w.join(timeout=10)
+
+
 # ---------------------------------------------------------------------------------------------------- input
 def read_csv_list(csv_path: str | Path) -> tuple[list[tuple[str, int]], dict[str, int]]:
     """(path, label) rows of a ``path,label`` CSV and the class map.
@@ -385,7 +448,16 @@ def write_beton(source: str | Path, out: str | Path, max_side: int = DEFAULT_MAX
         writer = DatasetWriter(str(tmp), {"image": BytesField(), "label": IntField(), "index": IntField()},
                                page_size=page_size, num_workers=min(workers, len(plans)))
         chunk = max(1, min(100, len(plans) // (workers * 4)))
-        writer.from_indexed_dataset(dataset, chunksize=chunk)
+        try:
+            with _watch_ffcv_workers():
+                writer.from_indexed_dataset(dataset, chunksize=chunk)
+        except WorkerDied as e:
+            shm = getattr(writer, "metadata_sm", None)  # ffcv's shared-memory index, freed by ffcv only on success
+            if shm is not None:
+                with contextlib.suppress(OSError):
+                    shm.close()
+                    shm.unlink()
+            raise WorkerDied(f"{e}; nothing was written to '{out}' (run write_ffcv again)") from None
         failures = failure_log.read_text().splitlines()
         if failures:
             raise DataError(f"{len(failures)} image(s) failed while writing (nothing was written to '{out}'): "
