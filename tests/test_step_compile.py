@@ -56,6 +56,41 @@ def test_compiled_full_graph_step_equals_eager():
     assert comp_q.n_pushed == eager_q.n_pushed == 5
 
 
+def _fused_sinkhorn_child() -> None:
+    """In a child with TRITON_INTERPRET=1: the step with --sinkhorn_impl triton, eager and compiled."""
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, sinkhorn_impl="triton")
+    torch._dynamo.reset()
+    compiled = compiled_step_core(backend="aot_eager")
+    (eager_m, eager_opt, eager_q), (comp_m, comp_opt, comp_q) = setup(), setup()
+    for it in range(4):  # frozen for 0, 1; queue in use from step 2
+        a = train_step(eager_m, eager_opt, crops_for(it), 0.5, it, cfg, eager_q)
+        b = train_step(comp_m, comp_opt, crops_for(it), 0.5, it, cfg, comp_q, core=compiled)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(eager_m.named_parameters(), comp_m.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+    print("fused sinkhorn step: compiled == eager")
+
+
+def test_compiled_step_with_the_fused_sinkhorn_is_one_graph():
+    """The fused Sinkhorn is a custom op (torch.ops.swav_fast.sinkhorn_fused): torch.compile(fullgraph=True)
+    takes it as one opaque call instead of tracing its launch code. Its kernels run in Triton's interpreter
+    here, so TRITON_INTERPRET=1 must be set before triton defines them: a child process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", "import test_step_compile as t; t._fused_sinkhorn_child()"],
+                          env=env, cwd=tests.parent, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "compiled == eager" in proc.stdout
+
+
 def test_our_step_has_no_host_sync_and_the_official_one_has_many():
     model, opt, queue = setup()
     for it in range(3):  # fill the queue and leave the freeze window

@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 import triton
 import triton.language as tl
+from torch.distributed.distributed_c10d import _resolve_process_group
 
 __all__ = ["KernelConfig", "KernelVariant", "kernel_configs", "kernel_variants", "select_config", "sinkhorn_fused"]
 
@@ -263,11 +264,30 @@ def _is_interpreted(kernel) -> bool:
 # ----------------------------------------------------------------------------------------------------- entry
 
 
-@torch.no_grad()
 def sinkhorn_fused(scores: torch.Tensor, eps: float = 0.05, n_iters: int = 3,
                    process_group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Codes [B_local, K] (fp32, rows sum to 1) for scores [B_local, K]; same contract as `sinkhorn`."""
-    return _sinkhorn_fused(scores, eps, n_iters, process_group)
+    """Codes [B_local, K] (fp32, rows sum to 1) for scores [B_local, K]; same contract as `sinkhorn`.
+
+    Called through the custom op `torch.ops.swav_fast.sinkhorn_fused`, so that torch.compile treats it as one
+    opaque op with a known output (fullgraph=True does not trace the launch code, only calls it) while eager
+    calls and CUDA-graph captures run the launches as they are. The group travels as its name.
+    """
+    return _sinkhorn_op(scores.detach(), float(eps), int(n_iters),
+                        "" if process_group is None else process_group.group_name)
+
+
+@torch.library.custom_op("swav_fast::sinkhorn_fused", mutates_args=())
+def _sinkhorn_op(scores: torch.Tensor, eps: float, n_iters: int, group_name: str) -> torch.Tensor:
+    group = _resolve_process_group(group_name) if group_name else None
+    with torch.no_grad():
+        return _sinkhorn_fused(scores, eps, n_iters, group)
+
+
+@_sinkhorn_op.register_fake
+def _sinkhorn_op_fake(scores: torch.Tensor, eps: float, n_iters: int, group_name: str) -> torch.Tensor:
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [B, K], got shape {tuple(scores.shape)}")
+    return scores.new_empty(scores.shape, dtype=torch.float32)
 
 
 def _sinkhorn_fused(scores: torch.Tensor, eps: float, n_iters: int, process_group: dist.ProcessGroup | None,
