@@ -112,7 +112,8 @@ def test_report_verdicts_follow_the_figures(cpu_suite, tmp_path):
     official = next(r for r in prof["rows"] if r["mode"] == "official")
     official["samples_per_s"] = 900.0
     prof["rows"].append({**official, "mode": "graph", "samples_per_s": 1850.0, "host_syncs_per_step": 0})
-    prof["sinkhorn"].append({"impl": "triton", "k": 30, "b": 40, "ms": 0.08, "ms_min": 0.07})
+    prof["sinkhorn"].append({"impl": "triton", "k": 30, "b": 40, "ms": 0.13, "ms_min": 0.12})  # with launches
+    prof["sinkhorn"].append({"impl": "triton (CUDA graph)", "k": 30, "b": 40, "ms": 0.08, "ms_min": 0.07})
     (suite / "profile_step.json").write_text(json.dumps(prof))
     for mode in ("compile", "graph"):
         shutil.copytree(suite / "modes_eager", suite / f"modes_{mode}")
@@ -126,7 +127,8 @@ def test_report_verdicts_follow_the_figures(cpu_suite, tmp_path):
 
     prof["rows"][-1].update(samples_per_s=1700.0, host_syncs_per_step=2)
     prof["rows"].append({"mode": "compile", "error": "BackendCompilerFailed: boom", "device": "cpu"})
-    prof["sinkhorn"][-1]["ms"] = 0.25
+    prof["sinkhorn"][-1] = {"impl": "triton (CUDA graph)", "k": 30, "b": 40, "error": "RuntimeError: capture"}
+    prof["sinkhorn"][-2]["ms"] = 0.25  # then the eager call's time is the figure
     (suite / "profile_step.json").write_text(json.dumps(prof))
     lines, problems = gpu_suite_report.report(suite, "2026-01-02")
     text = "".join(lines)
@@ -135,6 +137,7 @@ def test_report_verdicts_follow_the_figures(cpu_suite, tmp_path):
     assert "fused Sinkhorn <= 0.1 ms at K 3000 x B 3904: 0.250 ms, **NOT met**" in text
     assert "| compile | FAILED: BackendCompilerFailed: boom |" in text
     assert "profile_step compile mode: BackendCompilerFailed: boom" in problems
+    assert "fused Sinkhorn, triton (CUDA graph): RuntimeError: capture" in problems
 
 
 def test_copy_to_keeps_the_small_outputs_only(cpu_suite, tmp_path):

@@ -111,11 +111,14 @@ def report(suite: Path, today: str) -> tuple[list[str], list[str]]:
             lines.append(f"\n- Sinkhorn alone, K {sk[0]['k']} x B {sk[0]['b']}: " + ", ".join(
                 f"{s['impl']} " + (f"{s['ms']:.3f} ms" if "ms" in s else f"FAILED ({s['error'][:120]})")
                 for s in sk) + "\n")
-            fused = [s for s in sk if s["impl"] == "triton"]
-            if fused and "ms" in fused[0]:
-                sinkhorn_ms = fused[0]["ms"]
-            elif fused:
-                problems.append(f"fused Sinkhorn: {fused[0]['error'][:200]}")
+            # the target is the kernels' time: the CUDA-graph replay where it was measured, else the eager call
+            fused = sorted((s for s in sk if s["impl"].startswith("triton")), key=lambda s: "graph" not in s["impl"])
+            timed = [s for s in fused if "ms" in s]
+            if timed:
+                sinkhorn_ms = timed[0]["ms"]
+            for s in fused:
+                if "error" in s:
+                    problems.append(f"fused Sinkhorn, {s['impl']}: {s['error'][:200]}")
 
     # ---- pipeline profiler
     pipe_sps = None

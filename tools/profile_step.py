@@ -212,7 +212,9 @@ def step_flops(cfg: Config, device: torch.device, batch: int) -> int:
 
 
 def time_sinkhorn(device: torch.device, k: int, b: int, eps: float, n_iters: int, reps: int) -> list[dict]:
-    """Sinkhorn alone on [b, k] scores: the reference (a chain of torch ops) and, on CUDA, the fused Triton kernel."""
+    """Sinkhorn alone on [b, k] scores: the reference (a chain of torch ops) and, on CUDA, the fused Triton kernel;
+    on CUDA each also replayed from a captured CUDA graph (the device time without the host's launch cost, which
+    at ~0.1 ms is a large part of an eager call; in --step_mode graph the step replays it so)."""
     from swav_fast.step import sinkhorn_function
 
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -230,6 +232,18 @@ def time_sinkhorn(device: torch.device, k: int, b: int, eps: float, n_iters: int
             out.append({"impl": impl, "k": k, "b": b, "error": f"{type(e).__name__}: {str(e)[:500]}"})
             continue
         out.append({"impl": impl, "k": k, "b": b, "ms": statistics.median(times), "ms_min": min(times)})
+        if device.type == "cuda":  # the device time alone: launches replayed from a CUDA graph, no host overhead
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    fn(scores, eps, n_iters)
+                times = [time_ms(graph.replay, True) for _ in range(reps)]
+            except Exception as e:  # noqa: BLE001
+                out.append({"impl": f"{impl} (CUDA graph)", "k": k, "b": b,
+                            "error": f"{type(e).__name__}: {str(e)[:500]}"})
+                continue
+            out.append({"impl": f"{impl} (CUDA graph)", "k": k, "b": b, "ms": statistics.median(times),
+                        "ms_min": min(times)})
     return out
 
 
