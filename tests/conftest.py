@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,22 @@ def write_digits(root: Path, per_class: int, size: int = 32, offset: int = 0) ->
             img = Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).resize((size, size), Image.BICUBIC)
             img.convert("RGB").save(root / str(c) / f"{i:05d}.jpg", quality=95)
     return root
+
+
+needs_ffcv = pytest.mark.skipif(importlib.util.find_spec("ffcv") is None,
+                                reason="ffcv is not installed (make env installs it)")
+
+
+def _triton_version() -> tuple[int, int]:
+    import triton
+
+    return tuple(int(x) for x in triton.__version__.split(".")[:2])
+
+
+# Triton 3.6's interpreter turns a program id into an int through a 1-element array, which numpy 2.4 refuses
+# (the GPU machine's Triton; compiled kernels are not affected). make env installs Triton 3.8, where it works.
+needs_triton_interpreter = pytest.mark.skipif(_triton_version() < (3, 7), reason="this Triton's interpreter cannot "
+                                              "run the kernels under numpy 2 (make env installs Triton 3.8)")
 
 
 @pytest.fixture

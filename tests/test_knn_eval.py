@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from conftest import needs_ffcv
 from PIL import Image
 
 from tools.knn_eval import (
@@ -279,6 +280,7 @@ def test_cli_bad_trunk_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFi
     assert str(bad) in capsys.readouterr().err
 
 
+@needs_ffcv
 def test_beton_input_gives_the_folder_figures(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     train = make_folder(tmp_path / "train", {"a": 4, "b": 4, "c": 3}, seed=0)
     val = make_folder(tmp_path / "val", {"a": 2, "b": 2, "c": 2}, seed=1)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import write_digits
+from conftest import needs_ffcv, write_digits
 
 from swav_fast.checkpoint import FORMAT
 from swav_fast.model import SwAVModel
@@ -178,6 +178,7 @@ def test_cli_end_to_end_json(tmp_path, digits_dir, val_dir, capsys):
     assert data["top5"] >= data["top1"] > 10
 
 
+@needs_ffcv
 def test_beton_dataset_gives_the_image_folder_samples(digits_dir, betons):
     train_beton, _ = betons
     folder = torchvision.datasets.ImageFolder(str(digits_dir))  # PIL images, no transform
@@ -212,6 +213,7 @@ def test_beton_dataset_gives_the_image_folder_samples(digits_dir, betons):
     assert torch.equal(copy[7][0], folder_set[7][0])
 
 
+@needs_ffcv
 def test_linear_eval_on_beton_equals_image_folder(digits_dir, val_dir, betons):
     train_beton, val_beton = betons
     trunk, _, _ = load_eval_trunk(None, "resnet18")
@@ -228,6 +230,7 @@ def test_linear_eval_on_beton_equals_image_folder(digits_dir, val_dir, betons):
     assert linear_eval(trunk, digits_dir, val_beton, **kw) == linear_eval(trunk, digits_dir, val_dir, **kw)
 
 
+@needs_ffcv
 def test_cli_on_beton(tmp_path, digits_dir, val_dir, betons, capsys):
     train_beton, val_beton = betons
     base = ["--random-init", "--arch", "resnet18", "--size", "32", "--epochs", "3", "--precompute", "--workers", "0"]
@@ -253,6 +256,7 @@ def _write_other_fields(path: Path) -> None:
         samples)
 
 
+@needs_ffcv
 def test_bad_beton_files_are_one_line_errors(tmp_path, digits_dir, val_dir, betons, capsys):
     train_beton, val_beton = betons
     trunk = tmp_path / "trunk.pth"
@@ -298,6 +302,7 @@ def test_bad_beton_files_are_one_line_errors(tmp_path, digits_dir, val_dir, beto
         list(read_beton_bytes(other))
 
 
+@needs_ffcv
 def test_beton_without_sidecar_and_class_mismatch(tmp_path, digits_dir, val_dir, betons, capsys):
     train_beton, val_beton = betons
     bare = tmp_path / "bare.beton"

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import triton
+from conftest import needs_triton_interpreter
 from triton.backends.compiler import GPUTarget
 
 from swav_fast.kernels import sinkhorn_triton as st
@@ -126,6 +127,7 @@ def interpreted(tmp_path_factory) -> dict:
     return torch.load(out)
 
 
+@needs_triton_interpreter
 @pytest.mark.parametrize("case_id", list(CASES))
 def test_interpreted_kernel_equals_reference(interpreted, case_id):
     _, _, _, _, n_iters, eps, _, _, _ = CASES[case_id]
@@ -141,6 +143,7 @@ def test_interpreted_kernel_equals_reference(interpreted, case_id):
                                rtol=0, atol=3e-6)
 
 
+@needs_triton_interpreter
 def test_queue_case_batch_rows_are_what_training_uses(interpreted):
     # The step keeps codes[-bs:] of the queue ++ batch scores; those rows differ from Sinkhorn on the batch alone.
     codes, _ = interpreted["queue96+32x300-float32"]
@@ -204,6 +207,7 @@ def _dist_worker(rank: int, world: int, port: int, scores: torch.Tensor, out_fil
         dist.destroy_process_group()
 
 
+@needs_triton_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_two_rank_gloo_equals_one_process_on_concatenated_batch(tmp_path, monkeypatch, dtype):
     world, b_local, k = 2, 45, 300

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import needs_triton_interpreter
 
 from swav_fast.config import Config
 from swav_fast.model import SwAVModel
@@ -73,6 +74,7 @@ def _fused_sinkhorn_child() -> None:
     print("fused sinkhorn step: compiled == eager")
 
 
+@needs_triton_interpreter
 def test_compiled_step_with_the_fused_sinkhorn_is_one_graph():
     """The fused Sinkhorn is a custom op (torch.ops.swav_fast.sinkhorn_fused): torch.compile(fullgraph=True)
     takes it as one opaque call instead of tracing its launch code. Its kernels run in Triton's interpreter

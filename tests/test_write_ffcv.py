@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_digits
+from conftest import needs_ffcv, write_digits
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -102,6 +102,7 @@ def test_jpeg_sof_marker(mixed_folder):
     assert jpeg_sof_marker(b"\xff\xd8\xff\xe0\x00") is None  # cut inside a segment header
 
 
+@needs_ffcv
 def test_round_trip(mixed_folder, written):
     out, meta, records = written
     samples, _ = scan_image_folder(mixed_folder)
@@ -136,6 +137,7 @@ def test_round_trip(mixed_folder, written):
     assert sizes["large.jpg"] == (512, 384) and sizes["tall.jpg"] == (257, 512)
 
 
+@needs_ffcv
 def test_report_and_sidecar(mixed_folder, written):
     out, meta, records = written
     meta_path, report_path = sidecar_paths(out)
@@ -161,6 +163,7 @@ def test_report_and_sidecar(mixed_folder, written):
     assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, meta_path.name, report_path.name])
 
 
+@needs_ffcv
 def test_force(tmp_path):
     src = write_digits(tmp_path / "digits", per_class=2)
     out = tmp_path / "d.beton"
@@ -176,6 +179,7 @@ def test_force(tmp_path):
     assert len(records) == 20 and all(Image.open(io.BytesIO(d)).size == (16, 16) for d, _, _ in records)
 
 
+@needs_ffcv
 def test_zero_valid_images(tmp_path):
     root = tmp_path / "bad"
     (root / "cls").mkdir(parents=True)
@@ -190,6 +194,7 @@ def test_zero_valid_images(tmp_path):
         write_beton(tmp_path / "missing", out_dir / "x.beton", progress=False)
 
 
+@needs_ffcv
 def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     src = write_digits(tmp_path / "digits", per_class=1)
 
@@ -203,6 +208,7 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     assert list(out.parent.iterdir()) == []
 
 
+@needs_ffcv
 @pytest.mark.parametrize("how", ["killed", "uncaught"])
 def test_a_dead_writer_worker_is_an_error_not_a_hang(tmp_path, monkeypatch, how):
     """ffcv's DatasetWriter waits forever for a worker that died (OOM killer, a signal, an error it does not
@@ -233,6 +239,7 @@ def test_a_dead_writer_worker_is_an_error_not_a_hang(tmp_path, monkeypatch, how)
     assert write_beton(src, out, max_side=16, workers=2, progress=False)["counts"]["written"] == 40  # then works
 
 
+@needs_ffcv
 def test_csv_input(tmp_path, mixed_folder):
     imgs = tmp_path / "lists" / "imgs"
     imgs.mkdir(parents=True)
@@ -271,6 +278,7 @@ def test_csv_input(tmp_path, mixed_folder):
         read_csv_list(bad_csv)
 
 
+@needs_ffcv
 def test_cli(tmp_path):
     src = write_digits(tmp_path / "digits", per_class=2)
     out = tmp_path / "cli.beton"
@@ -290,6 +298,7 @@ def test_cli(tmp_path):
     assert out.read_bytes() == before
 
 
+@needs_ffcv
 def test_beton_images_reads_what_the_loader_reads(mixed_folder, written):
     out, meta, records = written
     data = BetonImages(out)
