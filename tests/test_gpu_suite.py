@@ -43,6 +43,8 @@ def test_script_parses():
 def test_unknown_stage_is_named(tmp_path):
     res = bash(suite_copy(tmp_path), "tests", "benchmarks")
     assert res.returncode == 2 and "unknown stage 'benchmarks'" in res.stdout and "tests step pipeline" in res.stdout
+    res = bash(suite_copy(tmp_path / "b"), "modes", MODES="eager fast")
+    assert res.returncode == 2 and "unknown step mode 'fast'" in res.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no CUDA device")

@@ -9,14 +9,17 @@
 # Environment: PYTHON (default python3; its torch >= 2.11 and triton are used), WHEELS (default ./wheels: where
 # missing pure helpers such as pytest and rich are installed from), SUITE_DIR (default gpu_suite_out, git-ignored),
 # STAGE_TIMEOUT (seconds per command, default 540), COPY_TO (a directory that the small outputs, not the images
-# nor the checkpoints, are copied to at the end; the device tool's $OUT).
+# nor the checkpoints, are copied to at the end; the device tool's $OUT), MODES (the step modes the modes stage
+# trains, default "eager compile graph").
 #
 # With the device tool: a call may run 600 s and a session has 30 min, so run one or two stages per call.
 # SUITE_DIR stays on the warm machine between calls (it is git-ignored), so the last call can make the report:
 #   COPY_TO=$OUT bash tools/gpu_suite.sh tests        (carry: ["wheels"] on the first call)
 #   COPY_TO=$OUT bash tools/gpu_suite.sh step
 #   COPY_TO=$OUT bash tools/gpu_suite.sh pipeline smoke
-#   COPY_TO=$OUT bash tools/gpu_suite.sh modes report
+#   MODES="eager graph" COPY_TO=$OUT bash tools/gpu_suite.sh modes
+#   MODES=compile COPY_TO=$OUT bash tools/gpu_suite.sh modes      (inductor on ResNet-50 may take minutes)
+#   COPY_TO=$OUT bash tools/gpu_suite.sh report
 # then copy $OUT's benchmark_rows.md into BENCHMARKS.md here. Preparing the wheels on a machine with network, for
 # a GPU machine with Python 3.12 and none (43 MB, within carry's 64 MiB):
 #   pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
@@ -35,7 +38,17 @@ ALL=(tests step pipeline smoke modes report)
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=("${ALL[@]}")
 for s in "${stages[@]}"; do
-    case " ${ALL[*]} " in *" $s "*) ;; *) echo "gpu_suite: unknown stage '$s'; the stages are: ${ALL[*]}"; exit 2 ;; esac
+    case " ${ALL[*]} " in
+        *" $s "*) ;;
+        *) echo "gpu_suite: unknown stage '$s'; the stages are: ${ALL[*]}"; exit 2 ;;
+    esac
+done
+MODE_LIST=${MODES:-eager compile graph}
+for m in $MODE_LIST; do
+    case $m in
+        eager|compile|graph) ;;
+        *) echo "gpu_suite: MODES: unknown step mode '$m' (eager, compile, graph)"; exit 2 ;;
+    esac
 done
 mkdir -p "$DIR/status"
 
@@ -126,7 +139,7 @@ for s in "${stages[@]}"; do
             --epoch_queue_starts 1 --freeze_prototypes_niters 50 --log_every 8 --step_mode graph ;;
     modes)  # the same 12 steps in each mode: freeze window ends at 4, queue in use from the start
         synthetic
-        for mode in eager compile graph; do
+        for mode in $MODE_LIST; do
             rm -rf "$DIR/modes_$mode"
             run_stage "modes_$mode" "modes_$mode.txt" "$PY" "${TRAIN[@]}" --run_dir "$DIR/modes_$mode" --epochs 1 \
                 --max_steps_per_epoch 12 --epoch_queue_starts 0 --freeze_prototypes_niters 4 --log_every 1 \
@@ -140,6 +153,8 @@ done
 if [ -n "${COPY_TO:-}" ]; then
     mkdir -p "$COPY_TO"
     (cd "$DIR" && find . -path ./synthetic -prune -o -type f \( -name '*.txt' -o -name '*.json' -o -name '*.jsonl' \
-        -o -name '*.md' \) -print | while read -r f; do mkdir -p "$COPY_TO/$(dirname "$f")"; cp "$f" "$COPY_TO/$f"; done)
+        -o -name '*.md' \) -print | while read -r f; do
+            mkdir -p "$COPY_TO/$(dirname "$f")" && cp "$f" "$COPY_TO/$f"
+        done)
     echo "gpu_suite: outputs copied to $COPY_TO"
 fi
