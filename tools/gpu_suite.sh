@@ -137,7 +137,7 @@ for s in "${stages[@]}"; do
         rm -rf "$DIR/smoke_run"
         run_stage smoke smoke_run.txt "$PY" "${TRAIN[@]}" --run_dir "$DIR/smoke_run" --epochs 7 \
             --epoch_queue_starts 1 --freeze_prototypes_niters 50 --log_every 8 --step_mode graph ;;
-    modes)  # the same 12 steps in each mode: freeze window ends at 4, queue in use from the start
+    modes)  # the same 12 steps in each mode: the freeze window ends at step 4, the queue (384 rows) is in use from 6
         synthetic
         for mode in $MODE_LIST; do
             rm -rf "$DIR/modes_$mode"
