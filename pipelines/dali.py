@@ -3,19 +3,19 @@
 What it does, per step: the host (this module, in the training process) takes the step's image indices (the same
 DistributedSampler order as pipelines/reference.py: shuffled with (seed, epoch), padded to a multiple of the world
 size, one strided shard per rank, whole batches, drop_last), reads each file's encoded bytes, peeks its size from
-the header with PIL (header only, no decode) and draws every augmentation parameter with
-`GPUMultiCrop.sample_params` from pipelines/gpu_augment.py, using `augment_generator(seed, epoch, rank, step)`
-(the reference's distributions: torchvision's RandomResizedCrop rule, flip, jitter, grayscale and blur
+the header (pipelines/jpeg.py for a JPEG, PIL's header read otherwise; no decode) and draws every augmentation
+parameter with `GPUMultiCrop.sample_params` from pipelines/gpu_augment.py, using `augment_generator(seed, epoch,
+rank, step)` (the reference's distributions: torchvision's RandomResizedCrop rule, flip, jitter, grayscale and blur
 probabilities, jitter factors, blur sigma). The bytes and, per crop, one small float vector per image are fed to a
 DALI pipeline through `fn.external_source`; DALI decodes (`fn.decoders.image`, device "mixed" = nvJPEG on the GPU,
-or "cpu") and, per crop: `fn.resize` of the crop box (ROI) to size x size (linear, antialiased) -> if the jitter
-was drawn: brightness (`fn.brightness_contrast`), contrast (a blend with the per-image mean of the luma image, DALI
+or "cpu") and, per crop: `fn.resize` of the crop box (ROI) to size x size (linear, antialiased) -> if the jitter was
+drawn: brightness (`fn.brightness_contrast`), contrast (a blend with the per-image mean of the luma image, DALI
 arithmetic), saturation (`fn.hsv`), hue (`fn.hsv`) -> if grayscale was drawn: luma in 3 channels
-(`fn.color_space_conversion` to GRAY, repeated) -> if blur was drawn: `fn.gaussian_blur` with the image's sigma
--> `fn.crop_mirror_normalize` (the flip, and (x / 255 - mean) / std as float32, HWC). The per-image choices use
-DALI's per-sample conditionals (`enable_conditionals`), so an image without jitter, grayscale or blur is passed
-through untouched. The HWC float32 batch is copied into a torch tensor [B, S, S, 3] on the target device and
-handed over as its [B, 3, S, S] permutation, which is channels_last.
+(`fn.color_space_conversion` to GRAY, repeated) -> if blur was drawn: `fn.gaussian_blur` with the image's sigma ->
+`fn.crop_mirror_normalize` (the flip, and (x / 255 - mean) / std as float32, HWC). The per-image choices use DALI's
+per-sample conditionals (`enable_conditionals`), so an image without jitter, grayscale or blur is passed through
+untouched. The HWC float32 batch is copied into a torch tensor [B, S, S, 3] on the target device and handed over as
+its [B, 3, S, S] permutation, which is channels_last.
 
 Status: tested on DALI's CPU backend only (tests/test_dali_pipeline.py). The GPU graph is the same graph with the
 mixed decoder (jpeg_fancy_upsampling on, to match libjpeg-turbo's chroma upsampling) and the per-image contrast factor
