@@ -105,7 +105,6 @@ MIN_PAGE_SIZE = 1 << 23  # ffcv's default page size (8 MiB)
 RESAMPLE = Image.Resampling.LANCZOS
 
 
-
 # ----------------------------------------------------------------------------------------------- inspection
 def jpeg_sof_marker(data: bytes) -> int | None:
     """The start-of-frame marker (0xC0 baseline, 0xC2 progressive, ...) of a JPEG, None if not found."""
@@ -531,8 +530,6 @@ def read_beton_bytes(path: str | Path, batch_size: int = 256) -> Iterator[tuple[
         for j in range(len(labels)):
             yield images[j, :int(sizes[pos])].tobytes(), int(labels[j, 0]), int(indices[j, 0])
             pos += 1
-
-
 
 
 class BetonImages:
