@@ -28,11 +28,18 @@ from pipelines.spec import MultiCropSpec
 from swav_fast import checkpoint as ckpt
 from swav_fast import guards, interop
 from swav_fast.config import ConfigError, parse_config, to_toml, trimmed_queue_length
-from swav_fast.distributed import DistInfo, broadcast_module_, init_distributed, shutdown, world_size_from_env
+from swav_fast.distributed import (
+    DistInfo,
+    agree_any,
+    broadcast_module_,
+    init_distributed,
+    shutdown,
+    world_size_from_env,
+)
 from swav_fast.guards import CollapseMonitor
 from swav_fast.model import SwAVModel
 from swav_fast.optim import LARS, lr_schedule
-from swav_fast.queue import EmbeddingQueue
+from swav_fast.queue import EmbeddingQueue, redistribute
 from swav_fast.step import GraphStep, compiled_step_core, train_step
 
 
@@ -192,13 +199,25 @@ def main(argv: list[str] | None = None) -> int:
             ckpt.set_rng_state(state["rng"][info.rank])
         saved_q = state["queue"]
         if saved_q is not None:
-            if len(saved_q["buffers"]) == info.world_size:
-                b = saved_q["buffers"][info.rank]
-                queue = EmbeddingQueue(b.shape[0], b.shape[1], b.shape[2], cfg.batch_size, info.device)
-                queue.load_state_dict({"buffer": b, "n_pushed": saved_q["n_pushed"]})
+            buffers, n_assign, dim = saved_q["buffers"], len(cfg.crops_for_assign), cfg.feat_dim
+            length = queue_total // info.world_size
+            if length == 0:
+                log("note: this run has no queue (queue_length 0); the checkpoint's queue is not used")
+            elif buffers[0].shape[0] != n_assign or buffers[0].shape[2] != dim:
+                log(f"note: the checkpoint's queue ({buffers[0].shape[0]} assignment crops x {buffers[0].shape[2]} "
+                    f"dims) does not fit this run ({n_assign} x {dim}); starting without it", highlight=False)
             else:
-                log(f"note: the checkpoint's queue was saved by {len(saved_q['buffers'])} ranks, this run has "
-                    f"{info.world_size}; starting with an empty queue (it refills in a few hundred steps)")
+                queue = EmbeddingQueue(n_assign, length, dim, cfg.batch_size, info.device)
+                if len(buffers) == info.world_size and buffers[0].shape[1] == length:
+                    queue.load_state_dict({"buffer": buffers[info.rank], "n_pushed": saved_q["n_pushed"]})
+                else:  # another rank count, batch size or queue length: the saved rows, dealt out again
+                    buffer, n_pushed = redistribute(buffers, saved_q["n_pushed"], state["config"]["batch_size"],
+                                                    info.rank, info.world_size, length, cfg.batch_size)
+                    queue.load_state_dict({"buffer": buffer, "n_pushed": n_pushed})
+                    log(f"queue: the checkpoint's {len(buffers)} rank(s) x {buffers[0].shape[1]} rows redistributed "
+                        f"over {info.world_size} rank(s) x {length} rows, "
+                        + ("in use" if queue.in_use else f"in use after {length // cfg.batch_size - n_pushed} more "
+                           "steps"), highlight=False)
         log(f"resumed from {resume_from}: epoch {start_epoch + 1}, step {start_step}, iteration {iteration}",
             highlight=False)
         if start_epoch >= cfg.epochs:
@@ -222,14 +241,6 @@ def main(argv: list[str] | None = None) -> int:
             "world_size": info.world_size,
         }, run_dir, cfg.keep_checkpoints)
 
-    def agree(*flags: bool) -> list[bool]:
-        """Decisions every rank must take together (signals and clocks differ between ranks)."""
-        if info.world_size == 1:
-            return list(flags)
-        t = torch.tensor([float(f) for f in flags], device=info.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return [bool(v) for v in t.tolist()]
-
     # ============================== training ==============================
     metrics = open(run_dir / "metrics.jsonl", "a") if info.is_main else None
 
@@ -248,23 +259,44 @@ def main(argv: list[str] | None = None) -> int:
     )
     global_batch = cfg.batch_size * info.world_size
     last_epoch = cfg.stop_after_epoch or cfg.epochs
-    # Per-step losses stay on the device until the next read, so each read costs one sync for many steps.
-    recent = torch.zeros(cfg.log_every, device=info.device)
-    n_recent, last_ckpt_time, stop_now = 0, time.monotonic(), False
+    # Per-step losses stay on the device; every log_every steps they are copied to the host without waiting and
+    # read one window later (guards.LossLog), or at once before a checkpoint and at the end of an epoch.
+    losses = guards.LossLog(cfg.log_every, info.device)
+    last_ckpt_time, stop_now = time.monotonic(), False
 
-    def read_losses() -> list[float]:
-        """Host read of the losses since the last read (a CPU-GPU sync point); checks them and logs them."""
-        nonlocal n_recent, epoch_loss_sum
-        values = recent[:n_recent].tolist()
-        first = iteration - n_recent
-        n_recent = 0
+    def report(values: list[float], w: dict) -> None:
+        """Check, log and record one window of per-step losses (w: what the loop knew when the window closed)."""
+        nonlocal epoch_loss_sum
+        first = w["iteration"] - len(values)
         guards.first_non_finite(values, first)
         epoch_loss_sum += sum(values)
         warning = collapse.update(values, first)
         if warning:
             log(f"[bold yellow]warning:[/] {warning}", highlight=False)
-            write_metrics({"event": "collapse_warning", "iteration": iteration, "message": warning})
-        return values
+            write_metrics({"event": "collapse_warning", "iteration": w["iteration"], "message": warning})
+        mean = sum(values) / len(values)
+        progress.update(w["task"], loss=f"{mean:.4f}", lr=f"{w['lr']:.4g}", sps=f"{w['sps']:.0f}")
+        write_metrics({"epoch": w["epoch"], "iteration": w["iteration"], "loss": mean, "loss_last": values[-1],
+                       "lr": w["lr"], "samples_per_s": round(w["sps"], 2)})
+        if not console.is_terminal:  # logs and CI: plain lines instead of the live bar
+            log(f"epoch {w['epoch'] + 1} step {w['step']}/{steps_per_epoch} loss {mean:.4f} (ln K {ln_k:.3f}) "
+                f"lr {w['lr']:.4g} {w['sps']:.0f} samples/s, ETA {w['eta'] / 60:.1f} min", highlight=False)
+
+    def close_window(epoch: int, step: int, first_step: int, task, lr: float, flush: bool) -> None:
+        """End the loss window at `step` (0-based, just run); report the windows whose values reached the host."""
+        nonlocal t_log, n_log
+        window = None
+        if len(losses):
+            # host clock: between two windows it measures how fast steps are queued, which the bounded queues
+            # (data staging, the wait for the window before) tie to the device's pace
+            now = time.perf_counter()
+            sps = n_log * global_batch / (now - t_log)
+            t_log, n_log = now, 0
+            eta = (now - t_epoch) / (step + 1 - first_step) * (steps_per_epoch * (last_epoch - epoch) - step - 1)
+            window = {"epoch": epoch, "step": step + 1, "iteration": iteration, "lr": lr, "sps": sps, "eta": eta,
+                      "task": task}
+        for values, w in losses.close_window(window, flush=flush):
+            report(values, w)
 
     try:
         with progress:
@@ -286,37 +318,22 @@ def main(argv: list[str] | None = None) -> int:
                     crops = batch.crops if channels_last else [c.contiguous() for c in batch.crops]
                     loss = train_step(model, optimizer, crops, lr, iteration, cfg, queue, info.group, autocast,
                                       step_core, grad_group)
-                    recent[n_recent] = loss
-                    n_recent += 1
+                    losses.add(loss)
                     iteration += 1
                     n_log += 1
                     skipped += len(batch.skipped)
                     epoch_end = step + 1 == steps_per_epoch
-                    if n_recent == cfg.log_every or epoch_end or (info.world_size == 1 and stop_signal):
-                        values = read_losses()
-                        now = time.perf_counter()
-                        sps = n_log * global_batch / (now - t_log)
-                        t_log, n_log = now, 0
-                        mean = sum(values) / len(values)
-                        progress.update(task, completed=step + 1, loss=f"{mean:.4f}", lr=f"{lr:.4g}", sps=f"{sps:.0f}")
-                        write_metrics({"epoch": epoch, "iteration": iteration, "loss": mean, "loss_last": values[-1],
-                                       "lr": lr, "samples_per_s": round(sps, 2)})
-                        if not console.is_terminal:  # logs and CI: plain lines instead of the live bar
-                            eta = (now - t_epoch) / (step + 1 - first_step) * (
-                                steps_per_epoch * (last_epoch - epoch) - step - 1)
-                            log(f"epoch {epoch + 1} step {step + 1}/{steps_per_epoch} loss {mean:.4f} "
-                                f"(ln K {ln_k:.3f}) lr {lr:.4g} {sps:.0f} samples/s, ETA {eta / 60:.1f} min",
-                                highlight=False)
+                    progress.update(task, completed=step + 1)
+                    timed = False
+                    if losses.full or epoch_end or (info.world_size == 1 and stop_signal):
+                        close_window(epoch, step, first_step, task, lr, flush=epoch_end)
                         timed = cfg.checkpoint_every_minutes > 0 and (
                             time.monotonic() - last_ckpt_time) / 60 >= cfg.checkpoint_every_minutes
-                        stop_now, timed = agree(bool(stop_signal), timed)
-                    else:
-                        progress.update(task, completed=step + 1)
-                        timed = False
+                        stop_now, timed = agree_any([bool(stop_signal), timed], info)
                     by_steps = cfg.checkpoint_every_steps > 0 and iteration % cfg.checkpoint_every_steps == 0
                     if not epoch_end and (timed or by_steps or stop_now):
-                        if n_recent:
-                            read_losses()  # never checkpoint a state whose loss was not checked
+                        # never checkpoint a state whose losses were not checked: wait for them now
+                        close_window(epoch, step, first_step, task, lr, flush=True)
                         path = save(epoch, step + 1)
                         last_ckpt_time = time.monotonic()
                         if path:

@@ -95,8 +95,8 @@ class Config:
     resume: str = _f("", "'auto': continue from run_dir's checkpoint (with the run's saved config.toml as the base "
                      "when no --preset is given); a path: that checkpoint; '': fresh run", per_invocation=True)
     seed: int = _f(31, "seed of initialisation, data order and augmentation")
-    log_every: int = _f(20, "steps between host reads of the loss (each read waits for the device); signals "
-                        "and timed checkpoints are acted on at these steps")
+    log_every: int = _f(20, "steps per loss window: each is copied to the host without waiting and logged one "
+                        "window later; signals and timed checkpoints are acted on at these steps")
     checkpoint_every_steps: int = _f(0, "also checkpoint every this many steps (0: at epoch ends only)")
     checkpoint_every_minutes: float = _f(30.0, "also checkpoint when this much time has passed since the last one "
                                          "(0: off)")

@@ -15,6 +15,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    control: dist.ProcessGroup | None = None  # a gloo group for host-side decisions (see init_distributed)
 
     @property
     def is_main(self) -> bool:
@@ -41,9 +42,24 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dev = torch.device("cuda", local)
     else:
         dev = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
-    return DistInfo(rank, world, local, dev)
+    control = None
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        # Decisions the ranks take together (stop on a signal, a timed checkpoint) are host values: agreeing on
+        # them through NCCL would put the collective on the GPU stream and make the host wait for every step
+        # queued before it. A gloo group of host tensors agrees without touching the GPU.
+        control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    return DistInfo(rank, world, local, dev, control)
+
+
+def agree_any(flags: list[bool], info: DistInfo) -> list[bool]:
+    """Each flag true on any rank is true on every rank (a host-side all-reduce; no GPU sync)."""
+    if info.world_size == 1:
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=info.control)
+    return [bool(v) for v in t.tolist()]
 
 
 def shutdown(model: torch.nn.Module | None = None) -> None:

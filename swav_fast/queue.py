@@ -51,6 +51,31 @@ class EmbeddingQueue:
         self.n_pushed = int(state["n_pushed"])
 
 
+def redistribute(buffers: list[torch.Tensor], n_pushed: int, saved_batch: int, rank: int, world_size: int,
+                 length: int, batch_size: int) -> tuple[torch.Tensor, int]:
+    """This rank's queue (buffer, n_pushed) from every rank's saved queue, for a run resumed with another number of
+    ranks, batch size or queue length.
+
+    Each saved rank's buffer holds its newest embeddings on top; row j of every rank was pushed at the same step,
+    so ordering the valid rows by (row, rank) lists the whole queue newest first. The new ranks take turns along
+    that list (rank r gets entries r, r + world, ...), each keeping its newest `length` at most, and every rank
+    keeps the same number of rows so that all of them start using the queue at the same step. `n_pushed` becomes
+    the number of whole new batches those rows make up: the queue is in use when they fill it, and otherwise once
+    enough batches are pushed to fill the rest, by which time the rows beyond `n_pushed * batch_size` have been
+    shifted out (no zero or stale row is ever used).
+    """
+    if length <= 0 or length % batch_size:
+        raise ValueError(f"queue length per rank {length} must be a positive multiple of the batch {batch_size}")
+    stacked = torch.stack([b.cpu() for b in buffers])  # [old ranks, n_assign, old length, dim]
+    n_old, n_assign, old_length, dim = stacked.shape
+    valid = min(n_pushed * saved_batch, old_length)
+    merged = stacked[:, :, :valid].permute(1, 2, 0, 3).reshape(n_assign, valid * n_old, dim)  # newest first
+    keep = min(merged.shape[1] // world_size, length)
+    buffer = torch.zeros(n_assign, length, dim, dtype=stacked.dtype)
+    buffer[:, :keep] = merged[:, rank::world_size][:, :keep]
+    return buffer, length // batch_size if keep == length else keep // batch_size
+
+
 def block_scores(block: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     return block @ prototypes.t().to(block.dtype)
 

@@ -16,8 +16,9 @@ import torch
 
 import train
 from swav_fast import checkpoint as ckpt
+from swav_fast import guards
 from swav_fast import step as step_module
-from swav_fast.guards import CollapseMonitor, NonFiniteLoss, first_non_finite
+from swav_fast.guards import CollapseMonitor, LossLog, NonFiniteLoss, first_non_finite
 from tests.test_train import REPO, TINY, run
 
 # 3 epochs of 4 steps, a checkpoint every 2 steps, every loss logged
@@ -117,7 +118,9 @@ def test_checkpoint_without_checksum_is_not_trusted(tmp_path):
     assert ckpt.load_latest(tmp_path / "empty") is None
 
 
-def test_non_finite_loss_stops_and_names_the_step(digits_dir, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("log_every", ["1", "3"])
+def test_non_finite_loss_stops_and_names_the_step(digits_dir, tmp_path, monkeypatch, capsys, log_every):
+    # the losses reach the host a window late; the checkpoint after the bad step must still wait for them
     real = step_module.swapped_prediction_loss
     calls = []
 
@@ -128,7 +131,7 @@ def test_non_finite_loss_stops_and_names_the_step(digits_dir, tmp_path, monkeypa
 
     monkeypatch.setattr(step_module, "swapped_prediction_loss", poisoned)
     run_dir = tmp_path / "nan"
-    assert run(digits_dir, run_dir, *LONG) == 3
+    assert run(digits_dir, run_dir, *LONG, "--log_every", log_every) == 3
     err = capsys.readouterr().err
     assert "iteration 5" in err and "last good checkpoint" in err
     kept = ckpt.list_checkpoints(run_dir)
@@ -167,3 +170,49 @@ def test_first_non_finite_names_the_first_bad_iteration():
     first_non_finite([1.0, 2.0], 7)
     with pytest.raises(NonFiniteLoss, match="iteration 9"):
         first_non_finite([1.0, 2.0, float("inf"), float("nan")], 7)
+
+
+def test_loss_log_hands_each_window_back_one_window_late():
+    log = LossLog(3, "cpu")
+    for v in (1.0, 2.0, 3.0):
+        log.add(torch.tensor(v))
+    assert log.full
+    with pytest.raises(RuntimeError, match="full"):
+        log.add(torch.tensor(4.0))
+    assert log.close_window({"w": "a"}) == []  # copied, not read yet
+    log.add(torch.tensor(4.0))
+    log.add(torch.tensor(5.0))
+    assert log.close_window({"w": "b"}) == [([1.0, 2.0, 3.0], {"w": "a"})]
+    assert log.close_window(None, flush=True) == [([4.0, 5.0], {"w": "b"})]  # nothing open: only the pending one
+    assert log.close_window(None, flush=True) == []
+    log.add(torch.tensor(6.0))
+    assert log.close_window({"w": "c"}, flush=True) == [([6.0], {"w": "c"})]
+
+
+def test_loss_log_waits_only_for_the_window_before(monkeypatch):
+    """The CUDA path with the event faked: closing window k waits for window k-1's copy, never for its own."""
+    waited = []
+
+    class FakeEvent:
+        made = 0
+
+        def __init__(self):
+            FakeEvent.made += 1
+            self.id = FakeEvent.made
+
+        def record(self, stream):
+            pass
+
+        def synchronize(self):
+            waited.append(self.id)
+
+    monkeypatch.setattr(guards.torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(guards.torch.cuda, "current_stream", lambda device: None)
+    log = LossLog(2, "cpu")
+    log.cuda = True  # host buffers stay unpinned: there is no CUDA here
+    for window in range(3):
+        log.add(torch.tensor(float(window)))
+        log.close_window({"w": window})
+        assert waited == list(range(1, window + 1))  # events 1..window: every earlier window, not this one
+    log.close_window(None, flush=True)
+    assert waited == [1, 2, 3]

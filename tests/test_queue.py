@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from swav_fast.config import Config, trimmed_queue_length
-from swav_fast.queue import EmbeddingQueue
+from swav_fast.queue import EmbeddingQueue, redistribute
 
 
 def batch(value: float, bs: int, dim: int) -> torch.Tensor:
@@ -137,3 +137,66 @@ def test_trimmed_queue_length(queue_length, batch_size, world, expected):
     if got:
         # Each rank's share is a whole number of its batches, so the per-rank queue can be built.
         EmbeddingQueue(2, got // world, 4, batch_size, "cpu")
+
+
+def filled(n_ranks: int, n_pushed: int, bs: int, length: int, n_assign: int = 2, dim: int = 3) -> list[torch.Tensor]:
+    """Saved per-rank queues after n_pushed pushes; each row is (step pushed, rank, row in batch) in the features."""
+    out = []
+    for r in range(n_ranks):
+        q = EmbeddingQueue(n_assign, length, dim, bs, "cpu")
+        for step in range(n_pushed):
+            rows = torch.tensor([[step + 1.0, r, j] for j in range(bs)])[:, :dim]
+            q.push([rows + 100 * i for i in range(n_assign)])
+        out.append(q.buffer.clone())
+    return out
+
+
+def newest_first(buffers: list[torch.Tensor], valid: int) -> torch.Tensor:
+    """The reference order: by row (age), then by rank, only the valid rows."""
+    return torch.stack([b[:, row] for row in range(valid) for b in buffers], dim=1)
+
+
+def test_redistribute_same_layout_is_the_saved_queue():
+    saved = filled(2, 5, bs=2, length=6)
+    for rank in range(2):
+        buffer, n_pushed = redistribute(saved, 5, 2, rank, 2, 6, 2)
+        assert torch.equal(buffer, saved[rank]) and n_pushed == 3  # full: in use at once
+
+
+@pytest.mark.parametrize(("old_ranks", "new_ranks", "bs_old", "bs_new", "len_old", "len_new"), [
+    (2, 1, 2, 2, 6, 12),  # fewer ranks, same global queue
+    (1, 2, 2, 2, 12, 6),  # more ranks
+    (4, 3, 2, 4, 8, 8),  # another batch size and a global queue that shrank
+    (2, 2, 2, 2, 6, 12),  # a longer queue: not full any more
+])
+def test_redistribute_keeps_the_newest_rows_in_order(old_ranks, new_ranks, bs_old, bs_new, len_old, len_new):
+    n_pushed = 7  # every old queue full
+    saved = filled(old_ranks, n_pushed, bs_old, len_old)
+    everything = newest_first(saved, len_old)
+    got = [redistribute(saved, n_pushed, bs_old, r, new_ranks, len_new, bs_new) for r in range(new_ranks)]
+    keep = min(everything.shape[1] // new_ranks, len_new)
+    assert len({n for _, n in got}) == 1  # every rank starts using the queue at the same step
+    for r, (buffer, n) in enumerate(got):
+        assert buffer.shape == (2, len_new, 3)
+        torch.testing.assert_close(buffer[:, :keep], everything[:, r::new_ranks][:, :keep], rtol=0, atol=0)
+        assert torch.count_nonzero(buffer[:, keep:]) == 0
+        q = EmbeddingQueue(2, len_new, 3, bs_new, "cpu")
+        q.load_state_dict({"buffer": buffer, "n_pushed": n})
+        assert q.in_use == (keep == len_new)
+        # the official test ("is the last row non-zero") agrees with in_use at every later step
+        for _ in range(len_new // bs_new + 1):
+            assert q.in_use == bool(q.buffer[:, -1].abs().sum() > 0)
+            if q.in_use:
+                assert torch.count_nonzero(q.buffer.abs().sum(-1)) == q.buffer.shape[0] * len_new
+                break
+            q.push([torch.full((bs_new, 3), 9.0)] * 2)
+        assert q.in_use
+
+
+def test_redistribute_a_partly_filled_queue():
+    saved = filled(2, 2, bs=2, length=8)  # 4 of 8 rows per rank written
+    buffer, n_pushed = redistribute(saved, 2, 2, 0, 1, 16, 2)
+    assert torch.count_nonzero(buffer[0].abs().sum(-1)) == 8 and n_pushed == 4  # the 8 written rows, 4 batches
+    torch.testing.assert_close(buffer[:, :8], newest_first(saved, 4), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="multiple of the batch"):
+        redistribute(saved, 2, 2, 0, 1, 10, 4)

@@ -90,7 +90,7 @@ def test_freeze_window_leaves_prototypes_untouched(digits_dir, tmp_path):
     assert not torch.allclose(model["projection_head.3.weight"], init.projection_head[3].weight)
 
 
-def test_torchrun_two_ranks_on_cpu(digits_dir, tmp_path):
+def test_torchrun_two_ranks_on_cpu(digits_dir, tmp_path, capsys):
     run_dir = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
@@ -104,6 +104,16 @@ def test_torchrun_two_ranks_on_cpu(digits_dir, tmp_path):
     assert not torch.equal(state["queue"]["buffers"][0], state["queue"]["buffers"][1])
     assert (run_dir / "trunk_resnet18.pth").is_file()
     assert len(step_losses(run_dir, 1)) == 4
+    # resumed by a single process: the two ranks' queues are dealt into one, which is full and in use at once
+    saved = state["queue"]["buffers"]
+    assert run(digits_dir, run_dir, "--batch_size", "4", "--epochs", "3", "--max_steps_per_epoch", "2",
+               "--resume", "auto") == 0
+    assert "2 rank(s) x 8 rows redistributed over 1 rank(s) x 16 rows, in use" in capsys.readouterr().err
+    state = ckpt.load(latest(run_dir))
+    assert state["world_size"] == 1 and state["queue"]["buffers"][0].shape == (2, 16, 16)
+    # after 2 more pushes of 4 rows, the newer half of the dealt rows is below them: rows 0-3 of rank 0, 1 in turn
+    torch.testing.assert_close(state["queue"]["buffers"][0][:, 16 - 8:],
+                               torch.stack([b[:, i] for i in range(4) for b in saved], dim=1), rtol=0, atol=0)
 
 
 def test_shutdown_drops_ddp_reducer_before_the_group(tmp_path):
