@@ -73,18 +73,21 @@ class LARS(torch.optim.Optimizer):
 
 def lars_update_(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor],
                  lr: float | torch.Tensor, group: dict) -> None:
-    """The LARC-scaled momentum SGD update of one parameter group, in place, with foreach ops and no host sync."""
+    """The LARC-scaled momentum SGD update of one parameter group, in place (the gradients are scaled in place, as
+    apex LARC does), with foreach ops and no host sync."""
     wd, trust, eps = group["weight_decay"], group["trust_coefficient"], group["eps"]
     p_norm = torch.stack(torch._foreach_norm(params))
     g_norm = torch.stack(torch._foreach_norm(grads))
     ok = (p_norm > 0) & (g_norm > 0)
-    local = torch.where(ok, trust * p_norm / (g_norm + wd * p_norm + eps), torch.ones_like(p_norm))
-    decay = torch.where(ok, wd * local, torch.zeros_like(p_norm))
-    # update = g * local + p * (wd * local)  (both factors are 1 and 0 in the zero-norm case)
-    update = torch._foreach_mul(grads, list(local.unbind()))
-    torch._foreach_add_(update, torch._foreach_mul(params, list(decay.unbind())))
+    # apex's order, in place on the gradients as apex does: g += wd p; g *= local. The zero-norm cases leave g
+    # as it was with no branch: ||p|| = 0 means wd p = 0, so local = 1 keeps g; ||g|| = 0 means g + wd p = wd p,
+    # so local = 0 gives back the zero g.
+    local = torch.where(ok, trust * p_norm / (g_norm + wd * p_norm + eps), (g_norm > 0).to(p_norm.dtype))
+    if wd:
+        torch._foreach_add_(grads, params, alpha=wd)
+    torch._foreach_mul_(grads, list(local.unbind()))
     torch._foreach_mul_(bufs, group["momentum"])
-    torch._foreach_add_(bufs, update)
+    torch._foreach_add_(bufs, grads)
     if isinstance(lr, torch.Tensor):
         torch._foreach_sub_(params, torch._foreach_mul(bufs, lr))
     else:
