@@ -40,8 +40,8 @@ from torch.utils.data import DistributedSampler
 from pipelines.gpu_augment import GPUMultiCrop, augment_generator
 from pipelines.reference import DataError, check_start_step, steps_per_epoch
 from pipelines.spec import MultiCropBatch, MultiCropSpec, warn_skipped_once
+from swav_fast.config import FFCV_ORDERS
 
-ORDERS = ("random", "quasi_random")
 FIELDS = ("image", "label", "index")
 HOW_TO_WRITE = "write one from an ImageFolder with `python tools/write_ffcv.py <ImageFolder root> <out>.beton`"
 _INSTALL = "install it with `make env` (or `pip install ffcv numba`; FFCV needs libopencv-dev and libturbojpeg)"
@@ -195,8 +195,8 @@ class FFCVLoader:
     def __init__(self, spec: MultiCropSpec, beton: str, batch_size: int, device: torch.device, rank: int = 0,
                  world_size: int = 1, seed: int = 0, workers: int = 4, max_steps: int = 0, order: str = "random",
                  resample: str = "matmul", batches_ahead: int = 2):
-        if order not in ORDERS:
-            raise ValueError(f"--ffcv_order must be one of {', '.join(ORDERS)}, not {order!r}")
+        if order not in FFCV_ORDERS:
+            raise ValueError(f"--ffcv_order must be one of {', '.join(FFCV_ORDERS)}, not {order!r}")
         reader = open_beton(beton)
         from ffcv.fields.decoders import BytesDecoder, IntDecoder
         from ffcv.loader import Loader

@@ -68,6 +68,7 @@ from torchvision.ops import roi_align
 
 from pipelines.reference import sample_seed
 from pipelines.spec import MultiCropSpec
+from swav_fast.config import RESAMPLERS
 
 # ITU-R 601-2 luma, as PIL's convert("L") (used by RandomGrayscale, and by ImageEnhance Contrast and Color).
 LUMA = (0.299, 0.587, 0.114)
@@ -130,8 +131,8 @@ class GPUMultiCrop:
     """
 
     def __init__(self, spec: MultiCropSpec, resample: str = "matmul", blur_truncate: float = 4.0):
-        if resample not in ("matmul", "roi_align"):
-            raise ValueError(f"resample must be 'matmul' or 'roi_align', not {resample!r}")
+        if resample not in RESAMPLERS:
+            raise ValueError(f"resample must be one of {', '.join(RESAMPLERS)}, not {resample!r}")
         b, c, s, h = spec.jitter
         if min(spec.jitter) < 0 or h > 0.5:
             raise ValueError(f"jitter strengths must be >= 0 and hue <= 0.5, got {spec.jitter}")
