@@ -1,30 +1,36 @@
 """NVIDIA DALI multi-crop pipeline: JPEG decode and every crop/colour op inside one DALI graph, on the GPU.
 
-What it does, per step: the host (this module, in the training process) takes the step's image indices (the same
-DistributedSampler order as pipelines/reference.py: shuffled with (seed, epoch), padded to a multiple of the world
-size, one strided shard per rank, whole batches, drop_last), reads each file's encoded bytes, peeks its size from
-the header (pipelines/jpeg.py for a JPEG, PIL's header read otherwise; no decode) and draws every augmentation
-parameter with `GPUMultiCrop.sample_params` from pipelines/gpu_augment.py, using `augment_generator(seed, epoch,
-rank, step)` (the reference's distributions: torchvision's RandomResizedCrop rule, flip, jitter, grayscale and blur
-probabilities, jitter factors, blur sigma). The bytes and, per crop, one small float vector per image are fed to a
-DALI pipeline through `fn.external_source`; DALI decodes (`fn.decoders.image`, device "mixed" = nvJPEG on the GPU,
-or "cpu") and, per crop: `fn.resize` of the crop box (ROI) to size x size (linear, antialiased) -> if the jitter was
-drawn: brightness (`fn.brightness_contrast`), contrast (a blend with the per-image mean of the luma image, DALI
-arithmetic), saturation (`fn.hsv`), hue (`fn.hsv`) -> if grayscale was drawn: luma in 3 channels
+What it does, per step: the host (this module, in the training process, in background threads: a few steps ahead of the
+one DALI asks for, so that the training thread only picks up finished steps) takes the step's image indices (the same
+DistributedSampler order as pipelines/reference.py: shuffled with (seed, epoch), padded to a multiple of the world size,
+one strided shard per rank, whole batches, drop_last), reads each file's encoded bytes (in parallel: `workers` threads,
+one file per task), peeks its size from the header (pipelines/jpeg.py for a JPEG, PIL's header read otherwise; no
+decode) and draws every augmentation parameter with `GPUMultiCrop.sample_params` from pipelines/gpu_augment.py, using
+`augment_generator(seed, epoch, rank, step)` (the reference's distributions: torchvision's RandomResizedCrop rule, flip,
+jitter, grayscale and blur probabilities, jitter factors, blur sigma). The bytes and, per crop, one small float vector
+per image are fed to a DALI pipeline through `fn.external_source`; DALI decodes (`fn.decoders.image`, device "mixed" =
+nvJPEG on the GPU, or "cpu") and, per crop: `fn.resize` of the crop box (ROI) to size x size (linear, antialiased) -> if
+the jitter was drawn: brightness (`fn.brightness_contrast`), contrast (a blend with the per-image mean of the luma
+image, DALI arithmetic), saturation (`fn.hsv`), hue (`fn.hsv`) -> if grayscale was drawn: luma in 3 channels
 (`fn.color_space_conversion` to GRAY, repeated) -> if blur was drawn: `fn.gaussian_blur` with the image's sigma ->
 `fn.crop_mirror_normalize` (the flip, and (x / 255 - mean) / std as float32, HWC). The per-image choices use DALI's
 per-sample conditionals (`enable_conditionals`), so an image without jitter, grayscale or blur is passed through
-untouched. The HWC float32 batch is copied into a torch tensor [B, S, S, 3] on the target device and handed over as
-its [B, 3, S, S] permutation, which is channels_last.
+untouched. The HWC float32 batch is copied into a torch tensor [B, S, S, 3] on the target device and handed over as its
+[B, 3, S, S] permutation, which is channels_last.
 
 Status: tested on DALI's CPU backend only (tests/test_dali_pipeline.py). The GPU graph is the same graph with the
 mixed decoder (jpeg_fancy_upsampling on, to match libjpeg-turbo's chroma upsampling) and the per-image contrast factor
 moved to the GPU (`.gpu()`) for the blend; it has not been run on a GPU yet.
 
 Determinism: no DALI random op is used (their state cannot be re-seeded per step); the views are a pure function of
-(seed, epoch, rank, step) and of the set of unreadable files, so `set_epoch(e, start_step=k)` yields exactly the
-batches an uninterrupted epoch would have from step k on. Note that the views differ from the reference pipeline's
-for the same seed (different RNG streams, as in gpu_augment) and between DALI on CPU and on GPU (decoders).
+(seed, epoch, rank, step) and of the set of unreadable files, so `set_epoch(e, start_step=k)` yields exactly the batches
+an uninterrupted epoch would have from step k on. The background threads do not change that: one thread prepares whole
+steps, in step order, with the epoch's order and number fixed when they were submitted; the file reads of one step run
+in parallel, but a file's replacement and the `skipped` entries depend only on which files are unreadable (a header
+check fails the same way whichever thread makes it, and the shared `unreadable` record only caches those results); and
+the steps prepared ahead are dropped and prepared again when DALI's decoder is found to reject a file (below), or when
+an epoch starts or is abandoned. Note that the views differ from the reference pipeline's for the same seed (different
+RNG streams, as in gpu_augment) and between DALI on CPU and on GPU (decoders).
 
 Unreadable images: every file's header is checked on the host (empty file, not an image, broken header, a format
 DALI does not decode such as GIF, a JPEG without its end-of-image marker or a PNG without IEND that PIL cannot fully
@@ -72,6 +78,7 @@ import warnings
 import weakref
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -263,16 +270,61 @@ class _Step:
     skipped: list[str]
 
 
+class _StepMaker:
+    """Prepares one step's host-side inputs (called in the loader's background thread, or by `DaliLoader._prepare`).
+    It shares the loader's samples, `augment` and `unreadable` record but holds no reference to the loader, so a
+    step being prepared never keeps the loader alive (nor makes its last reference, and DALI's shutdown with it, go
+    away in a background thread). `reads` reads the step's files in parallel (None: one after the other, here)."""
+
+    def __init__(self, loader: DaliLoader, reads: ThreadPoolExecutor | None):
+        self.samples, self.batch_size, self.spec, self.augment = (loader.samples, loader.batch_size, loader.spec,
+                                                                  loader.augment)
+        self.seed, self.rank, self.unreadable, self.reads = loader.seed, loader.rank, loader.unreadable, reads
+
+    def load(self, index: int) -> tuple[str, np.ndarray, tuple[int, int], list[str]]:
+        # Runs in several threads at once, on chains of replacements that may overlap: a file fails the checks the
+        # same way in every thread, so its entry (made here or taken from `unreadable`, which only caches it) and thus
+        # the replacement and `skipped` do not depend on which thread meets it first. Files DALI rejects are marked
+        # after a failed run, and the feeder then drops every step prepared (or being prepared) before: restart().
+        path, (data, size), skipped = read_with_replacement(
+            self.samples, index, read_image, (OSError, ValueError, SyntaxError, Image.DecompressionBombError),
+            self.unreadable)
+        return path, data, size, skipped
+
+    def __call__(self, order: list[int], step: int, epoch: int) -> _Step:
+        index = order[step * self.batch_size:(step + 1) * self.batch_size]
+        paths, encoded, sizes, skipped = [], [], [], []
+        for path, data, size, sk in (self.reads.map(self.load, index) if self.reads else map(self.load, index)):
+            paths.append(path)
+            encoded.append(data)
+            sizes.append(size)
+            skipped += sk
+        params = self.augment.sample_params(torch.tensor(sizes, dtype=torch.int64),
+                                            augment_generator(self.seed, epoch, self.rank, step, "cpu"))
+        return _Step(step, torch.tensor(index), paths, encoded, pack_params(self.spec, params), skipped)
+
+
+def _shut_down(*pools: ThreadPoolExecutor | None) -> None:
+    """The loader's finaliser: the background threads end after the task they are running (queued ones are
+    cancelled); not waited for, so a loader collected in any thread never blocks."""
+    for pool in pools:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
 class DaliLoader:
     """Loader contract: iterable of MultiCropBatch on `device`, len() = steps per epoch, set_epoch(e, start_step).
 
     `device` cuda:i runs the DALI graph on GPU i (mixed decoder); cpu runs it on DALI's CPU backend (tests, demo).
-    `workers` is DALI's thread count. `prefetch` batches are decoded ahead of the one being consumed.
+    `workers` is DALI's thread count and the number of threads that read the files. `prefetch` batches are decoded
+    ahead of the one being consumed. `read_ahead` steps beyond those are prepared (files read, parameters drawn) in
+    a background thread (default prefetch + 2); 0 prepares each step in the thread that runs DALI, when DALI asks
+    for it, with no background thread (the same batches; tests compare the two).
     """
 
     def __init__(self, spec: MultiCropSpec, data_path: str, batch_size: int, device: torch.device,
                  rank: int = 0, world_size: int = 1, seed: int = 0, workers: int = 4, max_steps: int = 0,
-                 prefetch: int = 2):
+                 prefetch: int = 2, read_ahead: int | None = None):
         self.samples, self.classes = scan_image_folder(data_path)
         self.num_samples = len(self.samples)
         self.spec, self.batch_size, self.device = spec, batch_size, torch.device(device)
@@ -287,7 +339,14 @@ class DaliLoader:
         self.skipped: set[str] = set()  # reported once each
         self.epoch, self.start_step = 0, 0
         self._dali_device = "gpu" if self.device.type == "cuda" else "cpu"
-        self._feeder = _Feeder(self)
+        read_ahead = self.prefetch + 2 if read_ahead is None else max(0, read_ahead)
+        # Background threads (none for read_ahead 0): one prepares whole steps in step order; with workers > 1,
+        # `workers` more read the step's files (one file per task), otherwise the step thread reads them itself.
+        self._steps = ThreadPoolExecutor(1, "dali-step") if read_ahead else None
+        reads = ThreadPoolExecutor(self.num_threads, "dali-read") if read_ahead and self.num_threads > 1 else None
+        self._maker = _StepMaker(self, reads)
+        weakref.finalize(self, _shut_down, self._steps, reads)
+        self._feeder = _Feeder(self, read_ahead)
         self._pipe = None
         self._pipe_state = "fresh"  # fresh (built or reset), running (an epoch in progress) or finished
 
@@ -329,24 +388,10 @@ class DaliLoader:
         return crops
 
     # ------------------------------------------------------------------------------------------- host side
-    def _load(self, index: int) -> tuple[str, np.ndarray, tuple[int, int], list[str]]:
-        path, (data, size), skipped = read_with_replacement(
-            self.samples, index, read_image, (OSError, ValueError, SyntaxError, Image.DecompressionBombError),
-            self.unreadable)
-        return path, data, size, skipped
-
-    def _prepare(self, order: list[int], step: int) -> _Step:
-        index = order[step * self.batch_size:(step + 1) * self.batch_size]
-        paths, encoded, sizes, skipped = [], [], [], []
-        for i in index:
-            path, data, size, sk = self._load(i)
-            paths.append(path)
-            encoded.append(data)
-            sizes.append(size)
-            skipped += sk
-        params = self.augment.sample_params(torch.tensor(sizes, dtype=torch.int64),
-                                            augment_generator(self.seed, self.epoch, self.rank, step, "cpu"))
-        return _Step(step, torch.tensor(index), paths, encoded, pack_params(self.spec, params), skipped)
+    def _prepare(self, order: list[int], step: int, epoch: int | None = None) -> _Step:
+        """One step's host-side inputs, prepared in the calling thread (the files read by the read threads, if any);
+        `epoch` defaults to the selected one. (The feeder has the background thread call the same `_StepMaker`.)"""
+        return self._maker(order, step, self.epoch if epoch is None else epoch)
 
     def _find_undecodable(self, steps: list[_Step]) -> int:
         """Mark the files of `steps` that make DALI's decoder fail as unreadable; returns how many were found."""
@@ -382,56 +427,98 @@ class DaliLoader:
     def __iter__(self) -> Iterator[MultiCropBatch]:
         # The epoch's order is a pure function of (seed, epoch); skipping whole batches keeps the rest aligned.
         feeder = self._feeder
-        feeder.order, feeder.next_step = list(self.sampler), self.start_step
-        feeder.queue.clear()
-        pipe = self._pipeline()
-        self._pipe_state = "running"
-        step = self.start_step
-        while True:
-            try:
-                outputs = pipe.run()  # the first call schedules `prefetch` steps, each later one the next step
-            except StopIteration:
-                break
-            except RuntimeError as e:
-                # The failed run may be any of the scheduled ones, and the pipeline is invalid now: find the
-                # culprits among their files, then run the steps again (their replacements are deterministic).
-                self._pipe = None
-                found = self._find_undecodable(list(feeder.queue))
-                if found == 0:
-                    raise
-                warnings.warn(f"DALI failed at step {step} ({type(e).__name__}): its decoder rejects {found} file(s) "
-                              "that passed the header checks; running the step again without them", stacklevel=2)
-                feeder.next_step = step
-                feeder.queue.clear()
-                pipe = self._pipeline()
-                self._pipe_state = "running"
-                continue
-            s = feeder.queue.popleft()
-            assert s.step == step, (s.step, step)
-            crops = self._to_torch(outputs)
-            warn_skipped_once(self.skipped, s.skipped, "unreadable", "the next image")
-            yield MultiCropBatch(crops, s.index, s.skipped)
-            step += 1
-        self._pipe_state = "finished"
+        run = feeder.restart(list(self.sampler), self.epoch, self.start_step)
+        try:
+            pipe = self._pipeline()
+            self._pipe_state = "running"
+            step = self.start_step
+            while True:
+                try:
+                    outputs = pipe.run()  # the first call schedules `prefetch` steps, each later one the next step
+                except StopIteration:
+                    break
+                except RuntimeError as e:
+                    # The failed run may be any of the scheduled ones, and the pipeline is invalid now: find the
+                    # culprits among their files, then run the steps again (their replacements are deterministic).
+                    self._pipe = None
+                    found = self._find_undecodable(list(feeder.queue))
+                    if found == 0:
+                        raise
+                    warnings.warn(f"DALI failed at step {step} ({type(e).__name__}): its decoder rejects {found} "
+                                  "file(s) that passed the header checks; running the step again without them",
+                                  stacklevel=2)
+                    # every step prepared so far predates the files just marked: all are prepared again
+                    run = feeder.restart(feeder.order, feeder.epoch, step)
+                    pipe = self._pipeline()
+                    self._pipe_state = "running"
+                    continue
+                s = feeder.queue.popleft()
+                assert s.step == step, (s.step, step)
+                crops = self._to_torch(outputs)
+                warn_skipped_once(self.skipped, s.skipped, "unreadable", "the next image")
+                yield MultiCropBatch(crops, s.index, s.skipped)
+                step += 1
+            self._pipe_state = "finished"
+        finally:  # the end of the epoch, an error, or an abandoned epoch (the iterator closed or collected)
+            feeder.stop(run)
 
 
 class _Feeder:
-    """The external_source callback: one step's inputs per call, in step order, from `next_step` on. Each prepared
-    step is queued until its outputs are taken (DALI runs `prefetch` steps ahead)."""
+    """The external_source callback: one step's inputs per call, in step order, from `next_step` on. Each step handed
+    to DALI is queued until its outputs are taken (DALI runs `prefetch` steps ahead). The `depth` steps after the
+    last one handed to DALI are prepared ahead in the loader's background thread: `ahead` holds their futures, so
+    a call only waits for a step that is not finished yet (and raises its exception, if preparing it raised).
+    `depth` 0: each step is prepared in the calling thread."""
 
-    def __init__(self, loader: DaliLoader):
+    def __init__(self, loader: DaliLoader, depth: int):
         self._loader = weakref.ref(loader)  # the loader owns the pipeline, which owns this callback: no cycle
+        self.depth = depth
         self.order: list[int] = []
-        self.next_step = 0
+        self.epoch = self.next_step = 0
         self.queue: deque[_Step] = deque()
+        self.ahead: deque[Future] = deque()  # steps next_step, next_step + 1, ... being prepared or ready
+        self.run = 0  # counts restarts: an iterator stops the feeder only if no newer one has restarted it
+
+    def restart(self, order: list[int], epoch: int, step: int) -> int:
+        """Feed `epoch` (`order` its sampler order) from `step` on. Every step handed to DALI or prepared ahead so
+        far is dropped (it may predate files marked unreadable since, or be another epoch's). Returns the run's
+        number, for `stop`."""
+        self.stop(self.run)
+        self.order, self.epoch, self.next_step = order, epoch, step
+        self.run += 1
+        loader = self._loader()
+        if loader is not None:
+            self._submit(loader)
+        return self.run
+
+    def stop(self, run: int) -> None:
+        """Drop the steps queued and prepared ahead, unless a newer run has restarted the feeder. A step already
+        being prepared finishes in the background and is dropped then."""
+        if run == self.run:
+            for future in self.ahead:
+                future.cancel()
+            self.ahead.clear()
+            self.queue.clear()
+
+    def _submit(self, loader: DaliLoader) -> None:
+        """Have steps next_step .. next_step + depth - 1 of the epoch prepared or being prepared, in step order."""
+        for step in range(self.next_step + len(self.ahead), min(self.next_step + self.depth, loader.steps)):
+            self.ahead.append(loader._steps.submit(loader._maker, self.order, step, self.epoch))
 
     def __call__(self):
         loader = self._loader()
         if loader is None or self.next_step >= loader.steps:
             raise StopIteration
-        s = loader._prepare(self.order, self.next_step)
+        if self.depth:
+            self._submit(loader)
+            s = self.ahead[0].result()  # waits if not ready; raises the preparation's exception (and again if retried)
+            self.ahead.popleft()
+        else:
+            s = loader._prepare(self.order, self.next_step, self.epoch)
         self.queue.append(s)
         self.next_step += 1
+        if self.depth:
+            self._submit(loader)
         return (s.encoded, *s.params)
 
 

@@ -14,10 +14,14 @@ import importlib
 import io
 import math
 import os
+import random
+import re
 import signal
 import sys
+import threading
 import time
 import warnings
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +64,7 @@ def levels(x: torch.Tensor, spec: MultiCropSpec) -> torch.Tensor:
 
 
 def loader(root, spec=DEMO, batch_size=16, **kw) -> dali.DaliLoader:
-    return dali.DaliLoader(spec, str(root), batch_size, CPU, workers=1, **kw)
+    return dali.DaliLoader(spec, str(root), batch_size, CPU, **{"workers": 1, **kw})
 
 
 def epoch(ld: dali.DaliLoader, e: int = 0, start: int = 0) -> list:
@@ -72,6 +76,10 @@ def same_batches(a, b) -> bool:
     return len(a) == len(b) and all(
         torch.equal(x.index, y.index) and all(torch.equal(u, v) for u, v in zip(x.crops, y.crops, strict=True))
         for x, y in zip(a, b, strict=True))
+
+
+def same_skipped(a, b) -> bool:
+    return [x.skipped for x in a] == [y.skipped for y in b]
 
 
 def plain(params):
@@ -524,7 +532,7 @@ def test_dali_decoder_failure_is_recovered(bad_root, monkeypatch):
             return data, (64, 64)  # an empty or non-image file: any size, DALI fails on it
 
     monkeypatch.setattr(dali, "read_image", unchecked)
-    ld = loader(bad_root, DEMO, batch_size=4)
+    ld = loader(bad_root, DEMO, batch_size=4, workers=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = epoch(ld)
@@ -532,6 +540,13 @@ def test_dali_decoder_failure_is_recovered(bad_root, monkeypatch):
     assert {s.split(" (")[0] for s in ld.skipped} == {_path_of(bad_root, n) for n in SKIPPED}
     assert all("DALI's image decoder failed" in s for s in ld.skipped)
     assert same_batches(expected, got)
+    # the steps prepared ahead before the files were marked were prepared again: the same batches and the same
+    # `skipped` as when each step is prepared only when DALI asks for it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sync = epoch(loader(bad_root, DEMO, batch_size=4, read_ahead=0))
+    assert same_batches(sync, got) and same_skipped(sync, got)
+    assert sum(len(b.skipped) for b in got) >= len(SKIPPED)
 
 
 def test_too_many_unreadable_in_a_row_is_a_data_error(tmp_path, digits_dir):
@@ -574,6 +589,173 @@ def test_forked_child_detaches_dali_pipelines(digits_dir):
     assert os.WEXITSTATUS(status) == 0, "the child's copy of the pipeline was not detached" \
         if os.WEXITSTATUS(status) == 2 else f"child failed: exit code {os.WEXITSTATUS(status)}"
     assert ld._pipe._pipe is not None  # the parent's pipeline is untouched
+
+
+# ---------------------------------------------------------------------------------- background preparation
+def _jittered_reads(monkeypatch, ms: float = 2) -> list[str]:
+    """Make every file read take a random 0-`ms` ms (timing only: the bytes are the file's) so that the background
+    threads finish in varying orders; returns the list of the names of the threads that read, filled as they do."""
+    real, jitter, names = dali.read_image, random.Random(), []
+
+    def read(path):
+        names.append(threading.current_thread().name)
+        time.sleep(jitter.uniform(0, ms / 1000))
+        return real(path)
+
+    monkeypatch.setattr(dali, "read_image", read)
+    return names
+
+
+def _epochs(ld: dali.DaliLoader) -> list[list]:
+    """A whole epoch, a resumed one, an epoch abandoned after one batch, then a whole epoch again."""
+    out = [epoch(ld, 0), epoch(ld, 1, start=2)]
+    ld.set_epoch(2)
+    out.append([next(iter(ld))])
+    return [*out, epoch(ld, 3)]
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory, bad_root) -> Path:
+    """24 files: after every 3 good photos, 3 unreadable files in a row (truncated, not an image, empty), so the
+    replacement chains of one step overlap on the same unreadable files."""
+    root = tmp_path_factory.mktemp("dali_runs")
+    (root / "a").mkdir()
+    good = sorted(p for p in (bad_root / "a").iterdir() if p.stem.endswith("_good"))
+    bad = [_path_of(bad_root, n) for n in ("truncated", "text", "empty")]
+    for i in range(24):
+        src = good[(i // 6 * 3 + i % 6) % len(good)] if i % 6 < 3 else Path(bad[i % 3])
+        (root / "a" / f"{i:02d}.jpg").write_bytes(src.read_bytes())
+    return root
+
+
+@pytest.mark.parametrize("data", ["digits", "bad", "runs"])
+def test_background_preparation_equals_preparing_each_step_when_asked(data, digits_dir, bad_root, runs_root,
+                                                                      monkeypatch):
+    """Steps prepared ahead in background threads, each step's files read by several threads at once in random
+    timing, give exactly the batches (crops, indices, skipped entries) of preparing each step in the thread that runs
+    DALI when DALI asks for it (read_ahead=0), whichever thread meets an unreadable file first (in `runs`, several
+    replacement chains of one step run through the same unreadable files)."""
+    root, batch_size = {"digits": (digits_dir, 16), "bad": (bad_root, 4), "runs": (runs_root, 12)}[data]
+    names = _jittered_reads(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sync = _epochs(loader(root, batch_size=batch_size, seed=4, read_ahead=0))
+        assert set(names) == {"MainThread"}  # DALI calls the feeder in the iterating thread
+        names.clear()
+        for workers in (1, 3):
+            background = _epochs(loader(root, batch_size=batch_size, seed=4, workers=workers))
+            assert names and "MainThread" not in names
+            names.clear()
+            for a, b in zip(sync, background, strict=True):
+                assert same_batches(a, b) and same_skipped(a, b)
+    if data != "digits":
+        assert sum(len(b.skipped) for e in sync for b in e) > 0
+
+
+def test_files_are_read_in_background_threads(digits_dir, monkeypatch):
+    """No file is read in the thread that iterates (and runs DALI): with workers > 1 the read threads read them,
+    with 1 the step thread; the steps after the one being consumed are prepared before DALI asks for them, and none
+    beyond the epoch's end or max_steps."""
+    names = _jittered_reads(monkeypatch)
+    ld = loader(digits_dir, batch_size=8, workers=3)  # 12 steps
+    ld.set_epoch(0)
+    it = iter(ld)
+    next(it)
+    feeder = ld._feeder
+    deadline = time.monotonic() + 10
+    while not all(f.done() for f in feeder.ahead) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # the step delivered, those DALI has taken, and `read_ahead` (default prefetch + 2) more, ready before asked for
+    assert len(feeder.ahead) == ld.prefetch + 2 and all(f.done() for f in feeder.ahead)
+    assert len(names) == (1 + len(feeder.queue) + len(feeder.ahead)) * 8 < len(ld) * 8
+    assert {n.rsplit("_", 1)[0] for n in names} == {"dali-read"}
+    assert len(set(names)) > 1  # one file per task: a step's files are read in parallel
+    list(it)
+    assert len(names) == len(ld) * 8 and {n.rsplit("_", 1)[0] for n in names} == {"dali-read"}
+    assert not feeder.ahead
+    names.clear()
+    assert len(epoch(loader(digits_dir, batch_size=8, workers=1, max_steps=3))) == 3
+    assert len(names) == 3 * 8 and set(names) == {"dali-step_0"}
+
+
+class _Bug(Exception):
+    pass
+
+
+@pytest.mark.parametrize("error", [_Bug, RuntimeError])
+def test_an_error_while_preparing_a_step_reaches_the_consumer(error, digits_dir, monkeypatch):
+    """An exception raised while a step is prepared in the background (a bug; a RuntimeError also takes the path of
+    a DALI failure first) surfaces in the iterating thread with its type and message, after the same batches as when
+    the step is prepared when DALI asks for it; and the loader works again afterwards. (A DataError: see
+    test_too_many_unreadable_in_a_row_is_a_data_error.)"""
+    real = dali.read_image
+    results = {}
+    for read_ahead in (0, None):
+        ld = loader(digits_dir, read_ahead=read_ahead, workers=2)
+        ld.set_epoch(1)
+        bad = ld.samples[list(ld.sampler)[3 * 16 + 5]][0]  # the sixth image of step 3
+
+        def read(path, bad=bad):
+            if path == bad:
+                raise error(f"cannot prepare {path}")
+            return real(path)
+
+        monkeypatch.setattr(dali, "read_image", read)
+        got = []
+        with pytest.raises(error, match=f"^{re.escape(f'cannot prepare {bad}')}$"):
+            for b in ld:
+                got.append(b)
+        monkeypatch.setattr(dali, "read_image", real)
+        results[read_ahead] = got
+        assert 0 < len(got) <= 3
+        assert same_batches(epoch(ld, 1), epoch(loader(digits_dir), 1))
+    assert same_batches(results[0], results[None])
+
+
+def _background_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith(("dali-step", "dali-read"))}
+
+
+def test_background_threads_end_with_the_loader(digits_dir, monkeypatch):
+    """The background threads never keep the loader alive: deleted while a step is being prepared (its reads held
+    back) and more are queued (an epoch abandoned, its iterator alive), the loader is collected at once, the queued
+    work is cancelled and the threads end when the reads return; none are left behind."""
+    gc.collect()
+    before = _background_threads()
+    count = threading.active_count()
+    ld = loader(digits_dir, workers=3)
+    assert not _background_threads() - before  # threads start with the first epoch
+    epoch(ld)
+    ld.set_epoch(1)
+    held = {ld.samples[i][0] for i in list(ld.sampler)[2 * 16:]}  # the files of steps 2 on
+    gate, real, reads = threading.Event(), dali.read_image, []
+
+    def read(path):
+        reads.append(path)
+        if path in held:
+            gate.wait(30)
+        return real(path)
+
+    monkeypatch.setattr(dali, "read_image", read)
+    try:
+        it = iter(ld)
+        next(it)
+        ours = _background_threads() - before
+        assert len(ours) == 4  # one step thread, three read threads
+        assert not any(f.done() for f in ld._feeder.ahead)  # step 2 being prepared, steps 3-5 queued
+        ref = weakref.ref(ld)
+        del ld, it
+        gc.collect()
+        assert ref() is None
+    finally:
+        gate.set()
+    deadline = time.monotonic() + 10
+    while any(t.is_alive() for t in ours) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.is_alive() for t in ours)
+    assert threading.active_count() <= count
+    assert _background_threads() <= before
+    assert len(reads) == 2 * 16 + 3  # steps 0-1 and the three held reads: the rest was cancelled
 
 
 def test_view_statistics_match_the_reference(photo_folder):
