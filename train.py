@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                      trust_coefficient=cfg.lars_trust)
     lrs = lr_schedule(cfg.base_lr, cfg.final_lr, cfg.epochs, steps_per_epoch, cfg.warmup_epochs, cfg.start_warmup)
     queue_total = trimmed_queue_length(cfg, info.world_size)
+    global_batch = cfg.batch_size * info.world_size
     if cfg.queue_length and queue_total != cfg.queue_length:
         log(f"queue_length {cfg.queue_length} trimmed to {queue_total}, a multiple of the global batch")
 
@@ -193,6 +194,16 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, start_step, iteration = state["epoch"], state["step_in_epoch"], state["iteration"]
         epoch_loss_sum = state["epoch_loss_sum"]
+        saved_batch = state["config"]["batch_size"] * state["world_size"]
+        if start_step and saved_batch != global_batch:
+            # another global batch (rank count or batch size): the same place in the epoch's sample order, which
+            # is the same permutation for any rank count (DistributedSampler's; --ffcv_order quasi_random deals
+            # pages to ranks, so there it is the same fraction of the epoch), in whole new batches, rounded down
+            mapped = start_step * saved_batch // global_batch
+            log(f"the checkpoint is {start_step * saved_batch} images into epoch {start_epoch + 1} with a global "
+                f"batch of {saved_batch}; with {global_batch} this run goes on from step {mapped}", highlight=False)
+            epoch_loss_sum *= mapped / start_step  # keeps the epoch's mean loss so far
+            start_step = mapped
         if start_step >= steps_per_epoch:  # the epoch length changed (data, ranks or batch): start the next one
             start_epoch, start_step, epoch_loss_sum = start_epoch + 1, 0, 0.0
         if state["rng"] and len(state["rng"]) == info.world_size:
@@ -257,7 +268,6 @@ def main(argv: list[str] | None = None) -> int:
         TextColumn("{task.fields[sps]} samples/s"), TimeRemainingColumn(), console=console,
         disable=not info.is_main,
     )
-    global_batch = cfg.batch_size * info.world_size
     last_epoch = cfg.stop_after_epoch or cfg.epochs
     # Per-step losses stay on the device; every log_every steps they are copied to the host without waiting and
     # read one window later (guards.LossLog), or at once before a checkpoint and at the end of an epoch.
@@ -314,9 +324,13 @@ def main(argv: list[str] | None = None) -> int:
                 t_epoch = t_log = time.perf_counter()
                 n_log = skipped = 0
                 for step, batch in enumerate(loader, start=first_step):
-                    lr = float(lrs[min(iteration, len(lrs) - 1)])  # a resume with fewer steps per epoch
+                    # the schedule's iteration, as the official loop counts it (epoch * len(loader) + step); equal to
+                    # `iteration` (the run's step counter, which names the checkpoints) unless a resume changed the
+                    # number of steps per epoch
+                    position = epoch * steps_per_epoch + step
+                    lr = float(lrs[position])
                     crops = batch.crops if channels_last else [c.contiguous() for c in batch.crops]
-                    loss = train_step(model, optimizer, crops, lr, iteration, cfg, queue, info.group, autocast,
+                    loss = train_step(model, optimizer, crops, lr, position, cfg, queue, info.group, autocast,
                                       step_core, grad_group)
                     losses.add(loss)
                     iteration += 1

@@ -15,6 +15,7 @@ import torchvision
 
 import train
 from swav_fast import checkpoint as ckpt
+from swav_fast.optim import lr_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -114,6 +115,30 @@ def test_torchrun_two_ranks_on_cpu(digits_dir, tmp_path, capsys):
     # after 2 more pushes of 4 rows, the newer half of the dealt rows is below them: rows 0-3 of rank 0, 1 in turn
     torch.testing.assert_close(state["queue"]["buffers"][0][:, 16 - 8:],
                                torch.stack([b[:, i] for i in range(4) for b in saved], dim=1), rtol=0, atol=0)
+
+
+def test_resume_with_another_global_batch_keeps_its_place(digits_dir, tmp_path, capsys):
+    """A mid-epoch checkpoint resumed with another global batch (here the batch size; another rank count is the
+    same arithmetic) goes on at the same image of the epoch's order, at the new schedule's iteration for it."""
+    first, second = tmp_path / "bs8", tmp_path / "bs4"
+    opts = ["--max_steps_per_epoch", "0", "--checkpoint_every_steps", "3", "--keep_checkpoints", "10",
+            "--checkpoint_every_minutes", "0"]
+    assert run(digits_dir, first, *opts) == 0  # 100 images: 2 epochs of 12 steps of 8
+    mid = ckpt.checkpoint_path(first, 15)
+    assert (ckpt.load(mid)["epoch"], ckpt.load(mid)["step_in_epoch"]) == (1, 3)  # 24 images into epoch 2
+    capsys.readouterr()
+    assert run(digits_dir, second, *opts, "--batch_size", "4", "--resume", str(mid)) == 0
+    assert "24 images into epoch 2 with a global batch of 8; with 4 this run goes on from step 6" in \
+        capsys.readouterr().err
+    rows = [json.loads(line) for line in (second / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "event" not in r]
+    assert len(steps) == 25 - 6  # steps 6 .. 24 of the 25 of 4 images
+    cfg = ckpt.load(latest(second))["config"]
+    lrs = lr_schedule(cfg["base_lr"], cfg["final_lr"], 2, 25, cfg["warmup_epochs"], cfg["start_warmup"])
+    assert [r["lr"] for r in steps] == pytest.approx([float(lrs[25 + s]) for s in range(6, 25)], rel=1e-12)
+    # the step counter that names the checkpoints keeps counting up from the checkpoint's, so --resume auto
+    # still finds the newest one
+    assert [r["iteration"] for r in steps] == list(range(16, 16 + 19))
 
 
 def test_shutdown_drops_ddp_reducer_before_the_group(tmp_path):
