@@ -216,3 +216,23 @@ def test_loss_log_waits_only_for_the_window_before(monkeypatch):
         assert waited == list(range(1, window + 1))  # events 1..window: every earlier window, not this one
     log.close_window(None, flush=True)
     assert waited == [1, 2, 3]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_loss_log_on_cuda_copies_without_a_sync():
+    """On CUDA the window's copy goes to pinned memory without blocking: a synchronising copy or .item() inside
+    add/close_window would raise under sync debug mode "error" (the event wait for the previous window is an
+    explicit Event.synchronize, which the debug mode does not flag)."""
+    log = LossLog(4, "cuda")
+    assert log.host.is_pinned()
+    got = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for window in range(3):
+            for i in range(4):
+                log.add(torch.full((), 10.0 * window + i, device="cuda"))
+            got += log.close_window({"w": window})
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    got += log.close_window(None, flush=True)
+    assert got == [([10.0 * w + i for i in range(4)], {"w": w}) for w in range(3)]
