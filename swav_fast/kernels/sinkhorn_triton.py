@@ -61,6 +61,39 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _tile_rows(s_ptr, t, rows, n_rows, stride_b, BLOCK_B: tl.constexpr):
+    """B-tile t: its row mask, its row offsets (int64, for B x K beyond 2**31) and the pointers to its rows."""
+    offs_b = t * BLOCK_B + rows
+    offs_b64 = offs_b.to(tl.int64)
+    return offs_b < n_rows, offs_b64, s_ptr + offs_b64[:, None] * stride_b
+
+
+@triton.jit
+def _exp_tile(row_ptrs, offs_k, mask_b, n_protos, scale):
+    """E = exp(S / eps) on one [BLOCK_B, BLOCK_K] tile (exp2 of the scores times log2(e) / eps); 0 outside."""
+    mask_k = offs_k < n_protos
+    x = tl.load(row_ptrs + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=float("-inf"))
+    return tl.exp2(x.to(tl.float32) * scale)
+
+
+@triton.jit
+def _inv_p(p_ptr, offs_k, n_protos):
+    """r = 1 / p on a K-chunk (1 outside K)."""
+    return 1.0 / tl.load(p_ptr + offs_k, mask=offs_k < n_protos, other=1.0)
+
+
+@triton.jit
+def _row_sums(row_ptrs, p_ptr, mask_b, cols, n_protos, scale, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """sum_k E[b, k] r[k] for the rows of a B-tile, K in BLOCK_K chunks; 1 on padded rows (their E is 0)."""
+    s = tl.zeros([BLOCK_B], dtype=tl.float32)
+    for k0 in range(0, n_protos, BLOCK_K):
+        offs_k = k0 + cols
+        s += tl.sum(_exp_tile(row_ptrs, offs_k, mask_b, n_protos, scale) * _inv_p(p_ptr, offs_k, n_protos)[None, :],
+                    axis=1)
+    return tl.where(mask_b, s, 1.0)
+
+
+@triton.jit
 def _prototype_sums_kernel(s_ptr, p_ptr, part_ptr, n_rows, n_protos_v, stride_v, n_tiles, scale,
                            FIRST: tl.constexpr, VEC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
                            SINGLE: tl.constexpr):
@@ -74,48 +107,30 @@ def _prototype_sums_kernel(s_ptr, p_ptr, part_ptr, n_rows, n_protos_v, stride_v,
     rows = tl.arange(0, BLOCK_B)
     cols = tl.arange(0, BLOCK_K)
     part_row = part_ptr + pid * n_protos
-    if SINGLE:
-        mask_k = cols < n_protos
+    if SINGLE:  # all of K in one chunk: r is loaded once, each tile read once
         r = tl.full([BLOCK_K], 1.0, tl.float32)
         if not FIRST:
-            r = 1.0 / tl.load(p_ptr + cols, mask=mask_k, other=1.0)
+            r = _inv_p(p_ptr, cols, n_protos)
         acc = tl.zeros([BLOCK_K], dtype=tl.float32)
         for t in range(pid, n_tiles, n_prog):
-            offs_b = t * BLOCK_B + rows
-            mask_b = offs_b < n_rows
-            ptrs = s_ptr + offs_b.to(tl.int64)[:, None] * stride_b + cols[None, :]
-            x = tl.load(ptrs, mask=mask_b[:, None] & mask_k[None, :], other=float("-inf"))
-            e = tl.exp2(x.to(tl.float32) * scale)
+            mask_b, _, row_ptrs = _tile_rows(s_ptr, t, rows, n_rows, stride_b, BLOCK_B)
+            e = _exp_tile(row_ptrs, cols, mask_b, n_protos, scale)
             if FIRST:
                 acc += tl.sum(e, axis=0)
             else:
-                s = tl.sum(e * r[None, :], axis=1)
-                c = 1.0 / tl.where(mask_b, s, 1.0)  # padded rows have e = 0
+                c = 1.0 / tl.where(mask_b, tl.sum(e * r[None, :], axis=1), 1.0)  # padded rows have e = 0
                 acc += tl.sum(e * c[:, None], axis=0)
-        tl.store(part_row + cols, acc, mask=mask_k)
+        tl.store(part_row + cols, acc, mask=cols < n_protos)
     else:
         for t in range(pid, n_tiles, n_prog):
-            offs_b = t * BLOCK_B + rows
-            mask_b = offs_b < n_rows
-            row_ptrs = s_ptr + offs_b.to(tl.int64)[:, None] * stride_b
+            mask_b, _, row_ptrs = _tile_rows(s_ptr, t, rows, n_rows, stride_b, BLOCK_B)
             c = tl.full([BLOCK_B], 1.0, tl.float32)
             if not FIRST:
-                s = tl.zeros([BLOCK_B], dtype=tl.float32)
-                for k0 in range(0, n_protos, BLOCK_K):
-                    offs_k = k0 + cols
-                    mask_k = offs_k < n_protos
-                    x = tl.load(row_ptrs + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :],
-                                other=float("-inf"))
-                    e = tl.exp2(x.to(tl.float32) * scale)
-                    r = 1.0 / tl.load(p_ptr + offs_k, mask=mask_k, other=1.0)
-                    s += tl.sum(e * r[None, :], axis=1)
-                c = 1.0 / tl.where(mask_b, s, 1.0)
+                c = 1.0 / _row_sums(row_ptrs, p_ptr, mask_b, cols, n_protos, scale, BLOCK_B, BLOCK_K)
             for k0 in range(0, n_protos, BLOCK_K):
                 offs_k = k0 + cols
                 mask_k = offs_k < n_protos
-                x = tl.load(row_ptrs + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=float("-inf"))
-                e = tl.exp2(x.to(tl.float32) * scale)
-                col = tl.sum(e * c[:, None], axis=0)
+                col = tl.sum(_exp_tile(row_ptrs, offs_k, mask_b, n_protos, scale) * c[:, None], axis=0)
                 # The program owns its partial row: the first tile stores, later tiles add to it.
                 prev = tl.load(part_row + offs_k, mask=mask_k & (t != pid), other=0.0)
                 tl.store(part_row + offs_k, prev + col, mask=mask_k)
@@ -133,45 +148,26 @@ def _codes_kernel(s_ptr, p_ptr, out_ptr, n_rows, n_protos_v, stride_v, n_tiles, 
     rows = tl.arange(0, BLOCK_B)
     cols = tl.arange(0, BLOCK_K)
     if SINGLE:
-        mask_k = cols < n_protos
-        r = 1.0 / tl.load(p_ptr + cols, mask=mask_k, other=1.0)
+        r = _inv_p(p_ptr, cols, n_protos)
         for t in range(pid, n_tiles, n_prog):
-            offs_b = t * BLOCK_B + rows
-            mask_b = offs_b < n_rows
-            offs_b64 = offs_b.to(tl.int64)
-            mask = mask_b[:, None] & mask_k[None, :]
-            x = tl.load(s_ptr + offs_b64[:, None] * stride_b + cols[None, :], mask=mask, other=float("-inf"))
-            q = tl.exp2(x.to(tl.float32) * scale) * r[None, :]
+            mask_b, offs_b64, row_ptrs = _tile_rows(s_ptr, t, rows, n_rows, stride_b, BLOCK_B)
+            q = _exp_tile(row_ptrs, cols, mask_b, n_protos, scale) * r[None, :]
             if ROWNORM:
-                inv = 1.0 / tl.where(mask_b, tl.sum(q, axis=1), 1.0)
-                q = q * inv[:, None]
-            tl.store(out_ptr + offs_b64[:, None] * n_protos + cols[None, :], q, mask=mask)
+                q = q * (1.0 / tl.where(mask_b, tl.sum(q, axis=1), 1.0))[:, None]
+            tl.store(out_ptr + offs_b64[:, None] * n_protos + cols[None, :], q,
+                     mask=mask_b[:, None] & (cols < n_protos)[None, :])
     else:
         for t in range(pid, n_tiles, n_prog):
-            offs_b = t * BLOCK_B + rows
-            mask_b = offs_b < n_rows
-            offs_b64 = offs_b.to(tl.int64)
-            row_ptrs = s_ptr + offs_b64[:, None] * stride_b
+            mask_b, offs_b64, row_ptrs = _tile_rows(s_ptr, t, rows, n_rows, stride_b, BLOCK_B)
             out_rows = out_ptr + offs_b64[:, None] * n_protos
             inv = tl.full([BLOCK_B], 1.0, tl.float32)
             if ROWNORM:
-                s = tl.zeros([BLOCK_B], dtype=tl.float32)
-                for k0 in range(0, n_protos, BLOCK_K):
-                    offs_k = k0 + cols
-                    mask_k = offs_k < n_protos
-                    x = tl.load(row_ptrs + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :],
-                                other=float("-inf"))
-                    r = 1.0 / tl.load(p_ptr + offs_k, mask=mask_k, other=1.0)
-                    s += tl.sum(tl.exp2(x.to(tl.float32) * scale) * r[None, :], axis=1)
-                inv = 1.0 / tl.where(mask_b, s, 1.0)
+                inv = 1.0 / _row_sums(row_ptrs, p_ptr, mask_b, cols, n_protos, scale, BLOCK_B, BLOCK_K)
             for k0 in range(0, n_protos, BLOCK_K):
                 offs_k = k0 + cols
-                mask_k = offs_k < n_protos
-                mask = mask_b[:, None] & mask_k[None, :]
-                x = tl.load(row_ptrs + offs_k[None, :], mask=mask, other=float("-inf"))
-                r = 1.0 / tl.load(p_ptr + offs_k, mask=mask_k, other=1.0)
-                q = tl.exp2(x.to(tl.float32) * scale) * r[None, :] * inv[:, None]
-                tl.store(out_rows + offs_k[None, :], q, mask=mask)
+                q = (_exp_tile(row_ptrs, offs_k, mask_b, n_protos, scale) * _inv_p(p_ptr, offs_k, n_protos)[None, :]
+                     * inv[:, None])
+                tl.store(out_rows + offs_k[None, :], q, mask=mask_b[:, None] & (offs_k < n_protos)[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------- configs
