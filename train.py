@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"dims) does not fit this run ({n_assign} x {dim}); starting without it", highlight=False)
             else:
                 queue = EmbeddingQueue(n_assign, length, dim, cfg.batch_size, info.device)
-                if len(buffers) == info.world_size and buffers[0].shape[1] == length:
+                if (len(buffers) == info.world_size and buffers[0].shape[1] == length
+                        and state["config"]["batch_size"] == cfg.batch_size):  # n_pushed counts batches of it
                     queue.load_state_dict({"buffer": buffers[info.rank], "n_pushed": saved_q["n_pushed"]})
                 else:  # another rank count, batch size or queue length: the saved rows, dealt out again
                     buffer, n_pushed = redistribute(buffers, saved_q["n_pushed"], state["config"]["batch_size"],

@@ -128,8 +128,10 @@ def test_resume_with_another_global_batch_keeps_its_place(digits_dir, tmp_path, 
     assert (ckpt.load(mid)["epoch"], ckpt.load(mid)["step_in_epoch"]) == (1, 3)  # 24 images into epoch 2
     capsys.readouterr()
     assert run(digits_dir, second, *opts, "--batch_size", "4", "--resume", str(mid)) == 0
-    assert "24 images into epoch 2 with a global batch of 8; with 4 this run goes on from step 6" in \
-        capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "24 images into epoch 2 with a global batch of 8; with 4 this run goes on from step 6" in err
+    # same queue length, but its push count was in batches of 8: the rows are counted again in batches of 4
+    assert "1 rank(s) x 16 rows redistributed over 1 rank(s) x 16 rows, in use" in err
     rows = [json.loads(line) for line in (second / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "event" not in r]
     assert len(steps) == 25 - 6  # steps 6 .. 24 of the 25 of 4 images
