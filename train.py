@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -236,10 +237,24 @@ def main(argv: list[str] | None = None) -> int:
             log(f"the run in {run_dir} has finished all {cfg.epochs} epochs; nothing to train")
         del state
 
-    # SLURM preemption (--signal=USR1@90) and torchrun shutdown (SIGTERM): finish the step, checkpoint, leave.
+    # SLURM preemption (--signal=USR1@90), torchrun shutdown (SIGTERM) and Ctrl-C (SIGINT): finish the step,
+    # checkpoint, leave. A second Ctrl-C leaves at once, without a checkpoint; one within a second of the first is
+    # the same keypress (under torchrun each rank gets the terminal's SIGINT and the copy torchrun forwards).
     stop_signal: list[int] = []
-    previous_handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
-                         for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    first_sigint: list[float] = []
+
+    def on_signal(signum: int, frame) -> None:  # noqa: ARG001 - the handler signature
+        if signum == signal.SIGINT:
+            if first_sigint and time.monotonic() - first_sigint[0] > 1.0:
+                raise KeyboardInterrupt
+            if first_sigint:
+                return
+            first_sigint.append(time.monotonic())
+        stop_signal.append(signum)
+        if signum == signal.SIGINT and info.is_main:  # os.write: safe inside a signal handler, unlike the console
+            os.write(2, b"\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again: stop now, without one)\n")
+
+    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
 
     def save(epoch: int, step_in_epoch: int) -> Path | None:
         """Every rank takes part in the gathers; rank 0 writes."""
@@ -384,6 +399,13 @@ def main(argv: list[str] | None = None) -> int:
         write_metrics({"event": "non_finite_loss", "iteration": iteration, "message": str(e)})
         shutdown(model)
         return 3
+    except KeyboardInterrupt:
+        kept = ckpt.list_checkpoints(run_dir)
+        log(f"[bold red]interrupted[/] at iteration {iteration}, without a checkpoint; the last one is "
+            f"{kept[-1] if kept else '(none yet)'}; continue with: python train.py --run_dir {run_dir} --resume auto",
+            highlight=False)
+        write_metrics({"event": "interrupted", "iteration": iteration})
+        return 130
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
@@ -406,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
                 highlight=False)
         resume_hint = f"continue with: python train.py --run_dir {run_dir} --resume auto"
         if stop_now:
-            log(f"stopped by signal {stop_signal[0] if stop_signal else '(on another rank)'} with a checkpoint at "
+            by = signal.Signals(stop_signal[0]).name if stop_signal else "(on another rank)"
+            log(f"stopped by signal {by} with a checkpoint at "
                 f"iteration {iteration}; {resume_hint}", highlight=False)
         elif not finished:
             log(f"stopped after epoch {last_epoch} of {cfg.epochs} as asked (--stop_after_epoch); {resume_hint}",

@@ -14,6 +14,7 @@ Two choices differ from facebookresearch/swav without changing the distribution 
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -167,6 +168,14 @@ class MultiCropDataset(Dataset):
         return crops, index, skipped
 
 
+def _ignore_ctrl_c(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's signature
+    """A DataLoader worker ignores SIGINT. Ctrl-C in a terminal reaches the whole process group; train.py answers
+    it by going on to the next agreement point and writing a checkpoint, which needs the workers, and a forked
+    worker would otherwise run train.py's handler too (announcing the stop once per worker) or, on a second press,
+    die of KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def collate(items: list[tuple[list[torch.Tensor], int, list[str]]]) -> MultiCropBatch:
     n = len(items[0][0])
     crops = [torch.stack([it[0][i] for it in items]) for i in range(n)]
@@ -205,7 +214,7 @@ class ReferenceLoader:
         order = list(self.sampler)[self.start_step * self.batch_size:]
         loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=order, drop_last=True,
                             num_workers=self.workers, collate_fn=collate, pin_memory=self.device.type == "cuda",
-                            persistent_workers=False,
+                            persistent_workers=False, worker_init_fn=_ignore_ctrl_c,
                             # its own generator: DataLoader otherwise draws a base seed from the global RNG,
                             # which would make training depend on the loader (our views are seeded per sample)
                             generator=torch.Generator().manual_seed(self.dataset.seed))

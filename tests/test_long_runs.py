@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import signal
 import subprocess
@@ -91,6 +92,74 @@ def test_sigterm_checkpoints_and_exits_cleanly(digits_dir, tmp_path, reference_r
     assert not (run_dir / "trunk_resnet18.pth").exists()
     assert train.main(["--run_dir", str(run_dir), "--resume", "auto"]) == 0
     assert losses_by_iteration(run_dir) == reference_run
+
+
+def test_ctrl_c_checkpoints_and_exits_cleanly(digits_dir, tmp_path, reference_run):
+    """Ctrl-C in a terminal sends SIGINT to the whole process group, DataLoader workers included: the run finishes
+    its step, writes a checkpoint and exits 0, and resuming it gives the uninterrupted run's losses."""
+    run_dir = tmp_path / "ctrl_c"
+    cmd = [sys.executable, "train.py", *TINY, *LONG, "--data_path", str(digits_dir), "--run_dir", str(run_dir),
+           "--checkpoint_every_steps", "0", "--workers", "2"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as a terminal's foreground job
+    wait_for_iteration(run_dir, proc, 5)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    # said once: the DataLoader workers (forked with train.py's handler) ignore SIGINT instead of answering it too
+    assert err.count("Ctrl-C: stopping after this step") == 1 and "stopped by signal SIGINT with a checkpoint" in err
+    assert ckpt.load(ckpt.list_checkpoints(run_dir)[-1])["iteration"] >= 5
+    assert train.main(["--run_dir", str(run_dir), "--resume", "auto"]) == 0
+    assert losses_by_iteration(run_dir) == reference_run
+
+
+def test_ctrl_c_under_torchrun_stops_every_rank_at_the_next_agreement(digits_dir, tmp_path):
+    """Two ranks act on Ctrl-C together at the next --log_every step (agreed over the host-side gloo group), several
+    steps later: until then the DataLoader workers, which got the SIGINT too, must go on serving batches."""
+    run_dir = tmp_path / "ctrl_c_ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # 100 images, 2 ranks x 4: 2 epochs of 12 steps; loss windows of 8 steps (each epoch starts one)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *TINY,
+           "--batch_size", "4", "--max_steps_per_epoch", "0", "--log_every", "8", "--workers", "2",
+           "--checkpoint_every_minutes", "0", "--data_path", str(digits_dir), "--run_dir", str(run_dir)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not (run_dir / "metrics.jsonl").is_file() or not events(run_dir, "epoch"):  # epoch 1 done
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    # early in epoch 2 (the ranks agree at its step 8 or 12); torchrun forwards a second SIGINT to each rank
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    # torchrun itself exits 1 after a signal (its SignalException), once the ranks have left
+    assert "stopped by signal SIGINT with a checkpoint" in err, err[-3000:]
+    assert "interrupted at iteration" not in err and "KeyboardInterrupt" not in err  # no rank took it for a 2nd press
+    state = ckpt.load(ckpt.list_checkpoints(run_dir)[-1])
+    assert state["iteration"] in (12 + 8, 12 + 12) and state["world_size"] == 2
+
+
+def test_second_ctrl_c_stops_at_once_without_a_checkpoint(digits_dir, tmp_path, monkeypatch, capsys):
+    real = step_module.swapped_prediction_loss
+    calls = []
+
+    def pressed_twice(*args, **kw):  # Ctrl-C, again at once (ignored: the same keypress), and 1.5 s later
+        calls.append(1)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.5)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(step_module, "swapped_prediction_loss", pressed_twice)
+    run_dir = tmp_path / "twice"
+    handler = signal.getsignal(signal.SIGINT)
+    assert run(digits_dir, run_dir, *LONG) == 130
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
+    err = capsys.readouterr().err
+    assert "interrupted at iteration 5, without a checkpoint" in err and "--resume auto" in err
+    assert [ckpt.load(p)["iteration"] for p in ckpt.list_checkpoints(run_dir)] == [2, 4]
+    assert events(run_dir, "interrupted") == [{"event": "interrupted", "iteration": 5}]
 
 
 def test_keeps_the_last_k_and_falls_back_from_a_corrupt_one(digits_dir, tmp_path, reference_run, capsys):
