@@ -26,7 +26,8 @@ def suite_copy(tmp_path: Path) -> Path:
     BENCHMARKS.md and never to the repository's."""
     root = tmp_path / "checkout"
     (root / "tools").mkdir(parents=True)
-    for name in ("gpu_suite.sh", "gpu_suite_report.py"):
+    # the report reads metrics.jsonl with plot_metrics' reader
+    for name in ("gpu_suite.sh", "gpu_suite_report.py", "plot_metrics.py", "__init__.py"):
         shutil.copy(REPO / "tools" / name, root / "tools" / name)
     return root
 

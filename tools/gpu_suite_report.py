@@ -15,7 +15,13 @@ import argparse
 import datetime
 import json
 import sys
+import warnings
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python tools/gpu_suite_report.py`: make `tools` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tools.plot_metrics import RunMetrics, read_metrics  # noqa: E402
 
 # issue 5 and 4: per H100, 64 images per GPU, 2x224 + 6x96
 TARGET_GRAPH_SAMPLES_PER_S = 1800
@@ -32,18 +38,14 @@ def _json(path: Path):
         return None
 
 
-def _jsonl(path: Path) -> list[dict]:
+def _metrics(path: Path) -> RunMetrics:
+    """A train.py metrics.jsonl (plot_metrics' reader: lines cut by a kill skipped); empty when missing or blank."""
     try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return []
-    rows = []
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut by a kill
-    return rows
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a cut last line: the report states what ran, not how it ended
+            return read_metrics(path)
+    except (FileNotFoundError, ValueError):
+        return RunMetrics()
 
 
 def _status(suite: Path, name: str) -> str:
@@ -139,12 +141,11 @@ def report(suite: Path, today: str) -> tuple[list[str], list[str]]:
             lines.append(f"- pipeline not run: {n}\n")
 
     # ---- training smoke run
-    smoke = _jsonl(suite / "smoke_run" / "metrics.jsonl")
-    epochs = [r for r in smoke if r.get("event") == "epoch"]
-    steps = [r for r in smoke if "event" not in r and "samples_per_s" in r]
+    smoke = _metrics(suite / "smoke_run" / "metrics.jsonl")
+    epochs, steps = smoke.epochs, [r for r in smoke.steps if "samples_per_s" in r]
     smoke_status = _status(suite, "smoke")
     if epochs or steps:
-        last_it = max((r["iteration"] for r in smoke if "iteration" in r), default=0)
+        last_it = max((r["iteration"] for r in [*smoke.steps, *epochs] if "iteration" in r), default=0)
         lines.append(f"\n- training smoke run (reference pipeline, graph mode, 64 images per step): {smoke_status}; "
                      f"{len(epochs)} epochs, iteration {last_it}"
                      + (", epoch losses " + ", ".join(f"{e['loss']:.3f}" for e in epochs) if epochs else "")
@@ -153,8 +154,7 @@ def report(suite: Path, today: str) -> tuple[list[str], list[str]]:
         problems.append(f"training smoke run: {smoke_status} (see {suite / 'smoke_run.txt'})")
 
     # ---- eager / compile / graph on the same config
-    losses = {m: [r["loss"] for r in _jsonl(suite / f"modes_{m}" / "metrics.jsonl") if "event" not in r]
-              for m in MODES}
+    losses = {m: [r["loss"] for r in _metrics(suite / f"modes_{m}" / "metrics.jsonl").steps] for m in MODES}
     for m in MODES:
         st = _status(suite, f"modes_{m}")
         if not st.startswith("ok"):
