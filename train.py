@@ -276,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
 
+    resume_hint = f"continue with: python train.py --run_dir {run_dir} --resume auto"
+
+    def last_checkpoint() -> Path | str:
+        kept = ckpt.list_checkpoints(run_dir)
+        return kept[-1] if kept else "(none yet)"
+
     ln_k = math.log(cfg.nmb_prototypes)
     collapse = CollapseMonitor(ln_k, cfg.collapse_margin, cfg.collapse_window, cfg.freeze_prototypes_niters)
     progress = Progress(
@@ -392,18 +398,15 @@ def main(argv: list[str] | None = None) -> int:
                 if stop_now:
                     break
     except guards.NonFiniteLoss as e:
-        kept = ckpt.list_checkpoints(run_dir)
         log(f"[bold red]stopped:[/] {e}. Nothing was saved after it; the last good checkpoint is "
-            f"{kept[-1] if kept else '(none yet)'}. Common causes: too high a learning rate, fp16 overflow, "
+            f"{last_checkpoint()}. Common causes: too high a learning rate, fp16 overflow, "
             "unnormalised features (REFERENCE section 9)", highlight=False)
         write_metrics({"event": "non_finite_loss", "iteration": iteration, "message": str(e)})
         shutdown(model)
         return 3
-    except KeyboardInterrupt:
-        kept = ckpt.list_checkpoints(run_dir)
+    except KeyboardInterrupt:  # no shutdown: the other ranks may be inside a collective this rank never joins
         log(f"[bold red]interrupted[/] at iteration {iteration}, without a checkpoint; the last one is "
-            f"{kept[-1] if kept else '(none yet)'}; continue with: python train.py --run_dir {run_dir} --resume auto",
-            highlight=False)
+            f"{last_checkpoint()}; {resume_hint}", highlight=False)
         write_metrics({"event": "interrupted", "iteration": iteration})
         return 130
     finally:
@@ -426,7 +429,6 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001
             log(f"note: no plots ({type(e).__name__}: {e}); python tools/plot_metrics.py {run_dir} makes them later",
                 highlight=False)
-        resume_hint = f"continue with: python train.py --run_dir {run_dir} --resume auto"
         if stop_now:
             by = signal.Signals(stop_signal[0]).name if stop_signal else "(on another rank)"
             log(f"stopped by signal {by} with a checkpoint at "
