@@ -211,6 +211,11 @@ def step_flops(cfg: Config, device: torch.device, batch: int) -> int:
     return counter.get_total_flops()
 
 
+def failure(e: Exception) -> str:
+    """The `error` entry of a row whose measurement failed (the others still run and are reported)."""
+    return f"{type(e).__name__}: {str(e)[:500]}"
+
+
 def time_sinkhorn(device: torch.device, k: int, b: int, eps: float, n_iters: int, reps: int) -> list[dict]:
     """Sinkhorn alone on [b, k] scores: the reference (a chain of torch ops) and, on CUDA, the fused Triton kernel;
     on CUDA each also replayed from a captured CUDA graph (the device time without the host's launch cost, which
@@ -229,7 +234,7 @@ def time_sinkhorn(device: torch.device, k: int, b: int, eps: float, n_iters: int
                 fn(scores, eps, n_iters)
             times = [time_ms(lambda fn=fn: fn(scores, eps, n_iters), device.type == "cuda") for _ in range(reps)]
         except Exception as e:  # noqa: BLE001  (reported; the other figures stand)
-            out.append({"impl": impl, "k": k, "b": b, "error": f"{type(e).__name__}: {str(e)[:500]}"})
+            out.append({"impl": impl, "k": k, "b": b, "error": failure(e)})
             continue
         out.append({"impl": impl, "k": k, "b": b, "ms": statistics.median(times), "ms_min": min(times)})
         if device.type == "cuda":  # the device time alone: launches replayed from a CUDA graph, no host overhead
@@ -240,7 +245,7 @@ def time_sinkhorn(device: torch.device, k: int, b: int, eps: float, n_iters: int
                 times = [time_ms(graph.replay, True) for _ in range(reps)]
             except Exception as e:  # noqa: BLE001
                 out.append({"impl": f"{impl} (CUDA graph)", "k": k, "b": b,
-                            "error": f"{type(e).__name__}: {str(e)[:500]}"})
+                            "error": failure(e)})
                 continue
             out.append({"impl": f"{impl} (CUDA graph)", "k": k, "b": b, "ms": statistics.median(times),
                         "ms_min": min(times)})
@@ -289,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(profile(mode, copy.deepcopy(cfg), device, args.batch, args.steps, args.warmup))
         except Exception as e:  # noqa: BLE001
             print(f"{mode} failed: {type(e).__name__}: {e}", file=sys.stderr)
-            rows.append({"mode": mode, "error": f"{type(e).__name__}: {str(e)[:500]}", "device": device_name})
+            rows.append({"mode": mode, "error": failure(e), "device": device_name})
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
