@@ -74,6 +74,22 @@ def gather_rng(info: DistInfo) -> list:
     return states
 
 
+def device_config_problem(cfg, on_cuda: bool, world_size: int) -> str | None:
+    """What in the config the device or the rank count cannot run (a one-line message), or None."""
+    if cfg.sinkhorn_impl == "triton" and not on_cuda:
+        return "--sinkhorn_impl triton needs CUDA; use the reference on CPU"
+    if cfg.step_mode == "graph" and not on_cuda:
+        return "--step_mode graph captures the step as a CUDA graph and needs CUDA; use eager or compile on CPU"
+    if cfg.step_mode == "compile" and on_cuda and world_size > 1 and cfg.sync_bn:
+        # torch's SyncBatchNorm drops empty ranks' statistics with a boolean mask (a data-dependent shape; it
+        # skips that only under CUDA-graph capture) and its batch_norm_* ops have no fake-tensor kernels, so
+        # torch.compile(fullgraph=True) cannot trace it (reproduced on CPU with stand-in kernels, torch 2.11 and 2.14)
+        return (f"--step_mode compile cannot trace SyncBatchNorm, which {world_size} CUDA ranks use; use "
+                "--step_mode graph (captures it) or eager, or --no-sync_bn (each rank normalises with its own batch "
+                "statistics)")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True, soft_wrap=True)
     # ============================== setup ==============================
@@ -84,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     info = init_distributed(cfg.device)
     log = console.print if info.is_main else (lambda *a, **k: None)
+    on_cuda = info.device.type == "cuda"
+    problem = device_config_problem(cfg, on_cuda, info.world_size)
+    if problem:
+        log(f"[bold red]config error:[/] {problem}", highlight=False)
+        shutdown()
+        return 2
     run_dir = Path(cfg.run_dir)
     if cfg.resume not in ("", "auto") and not Path(cfg.resume).is_file():
         log(f"[bold red]error:[/] --resume {cfg.resume}: no such checkpoint file", highlight=False)
@@ -100,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
             "git_revision": git_revision(), "world_size": info.world_size, "device": str(info.device),
             "torch": torch.__version__, "argv": sys.argv if argv is None else argv}, indent=1))
     torch.manual_seed(cfg.seed)
-    on_cuda = info.device.type == "cuda"
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_cuda)
     autocast = torch.autocast(info.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     # Make the first collective use the right device under NCCL before anything else talks.
@@ -159,13 +180,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         broadcast_module_(core, grad_group)  # as DDP does when it wraps: every rank starts from rank 0's weights
 
-    if cfg.sinkhorn_impl == "triton" and not on_cuda:
-        log("[bold red]config error:[/] --sinkhorn_impl triton needs CUDA; use the reference on CPU")
-        return 2
-    if cfg.step_mode == "graph" and not on_cuda:
-        log("[bold red]config error:[/] --step_mode graph captures the step as a CUDA graph and needs CUDA; use "
-            "eager or compile on CPU")
-        return 2
     step_core = (compiled_step_core() if cfg.step_mode == "compile" else GraphStep() if cfg.step_mode == "graph"
                  else None)
 
