@@ -180,6 +180,23 @@ def test_force(tmp_path):
 
 
 @needs_ffcv
+@pytest.mark.parametrize("progress", [False, True])
+def test_progress_is_one_rich_display_or_none(tmp_path, capfd, progress):
+    # ffcv's writer draws a tqdm bar of its own, even when asked for no progress; write_beton replaces it
+    import ffcv.writer
+
+    real = ffcv.writer.tqdm
+    write_beton(write_digits(tmp_path / "digits", per_class=2), tmp_path / "d.beton", workers=2, progress=progress)
+    err = capfd.readouterr().err
+    assert ffcv.writer.tqdm is real
+    assert "it/s" not in err and "%|" not in err, err  # no tqdm bar
+    if progress:
+        assert "validating" in err and "writing" in err and "20/20" in err, err
+    else:
+        assert err == ""
+
+
+@needs_ffcv
 def test_zero_valid_images(tmp_path):
     root = tmp_path / "bad"
     (root / "cls").mkdir(parents=True)

@@ -35,11 +35,11 @@ Two passes, both parallel over ``workers`` processes:
    (``Image.open(...).load()``: catches zero-byte, truncated and non-image files; ``verify()`` does not
    catch truncated JPEG data, so a full decode it is), and decide keep / re-encode. Unreadable files go to
    ``<out>.skipped.txt`` (``path<TAB>reason``) and are counted, never written.
-2. writing (ffcv ``DatasetWriter`` with ``num_workers``, tqdm progress): the re-encoding happens in its
-   workers, in the dataset's ``__getitem__``. A file that changes or fails between the passes (its CRC is
-   checked) aborts the run with an error naming it: an exception inside an ffcv worker would otherwise hang
-   the writer, so ``__getitem__`` never raises; it records the failure and writes a placeholder, and the
-   result is then discarded.
+2. writing (ffcv ``DatasetWriter`` with ``num_workers``, a rich progress bar in place of ffcv's tqdm bar): the
+   re-encoding happens in its workers, in the dataset's ``__getitem__``. A file that changes or fails between
+   the passes (its CRC is checked) aborts the run with an error naming it: an exception inside an ffcv worker
+   would otherwise hang the writer, so ``__getitem__`` never raises; it records the failure and writes a
+   placeholder, and the result is then discarded.
 
 The ``.beton`` is written under a temporary name in the output folder and renamed at the very end, after its
 sidecars (``<out>.json``, ``<out>.skipped.txt``); an existing output is replaced only with ``--force``.
@@ -370,16 +370,45 @@ def _default_workers() -> int:
         return os.cpu_count() or 1
 
 
+def _progress_columns(label: str) -> tuple:
+    return TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+
+
+@contextlib.contextmanager
+def _rich_ffcv_progress(enabled: bool):
+    """ffcv's DatasetWriter draws its own tqdm bar (and draws it even when progress is off); inside this block
+    it draws a rich "writing" bar like the validation's, or none. ffcv only calls tqdm(total=), update, close."""
+    import ffcv.writer
+
+    class Bar:
+        def __init__(self, total: int, **_):
+            self._bar = Progress(*_progress_columns("writing"), console=Console(stderr=True), disable=not enabled)
+            self._task = self._bar.add_task("writing", total=total)
+            self._bar.start()
+
+        def update(self, n: int = 1) -> None:
+            self._bar.advance(self._task, n)
+
+        def close(self) -> None:
+            self._bar.stop()
+
+    real = ffcv.writer.tqdm
+    ffcv.writer.tqdm = Bar
+    try:
+        yield
+    finally:
+        ffcv.writer.tqdm = real
+
+
 def _validate(paths: list[str], max_side: int, workers: int, progress: bool) -> list[tuple[str, str | None, int]]:
     fn = partial(inspect_image, max_side=max_side)
-    columns = (TextColumn("validating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     # The pool forks before rich's refresh thread starts: children only ever run inspect_image.
     pool = Pool(min(workers, len(paths))) if workers > 1 and len(paths) > 1 else None
     try:
         chunk = max(1, min(64, len(paths) // (workers * 8)))
         results_iter = pool.imap(fn, paths, chunksize=chunk) if pool is not None else map(fn, paths)
         results = []
-        with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
+        with Progress(*_progress_columns("validating"), console=Console(stderr=True), disable=not progress) as bar:
             task = bar.add_task("validating", total=len(paths))
             for r in results_iter:
                 results.append(r)
@@ -448,7 +477,7 @@ def write_beton(source: str | Path, out: str | Path, max_side: int = DEFAULT_MAX
                                page_size=page_size, num_workers=min(workers, len(plans)))
         chunk = max(1, min(100, len(plans) // (workers * 4)))
         try:
-            with _watch_ffcv_workers():
+            with _watch_ffcv_workers(), _rich_ffcv_progress(progress):
                 writer.from_indexed_dataset(dataset, chunksize=chunk)
         except WorkerDied as e:
             shm = getattr(writer, "metadata_sm", None)  # ffcv's shared-memory index, freed by ffcv only on success
