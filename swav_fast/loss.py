@@ -17,7 +17,9 @@ def swapped_prediction_loss(scores: torch.Tensor, codes: list[torch.Tensor], cro
     log_p = F.log_softmax(scores.float() / temperature, dim=1).view(n_crops, bs, -1)
     total = scores.new_zeros((), dtype=torch.float32)
     for a, q in zip(crops_for_assign, codes, strict=True):
-        others = [v for v in range(n_crops) if v != a]
+        # the crops v != a, by two slices: indexing with a list of them would make an index tensor from Python
+        # data, on CUDA a blocking copy from host memory that a CUDA graph cannot capture
+        others = torch.cat((log_p[:a], log_p[a + 1:]))
         # sum over v != a of mean over the batch of the cross-entropy
-        total = total - (q.unsqueeze(0) * log_p[others]).sum(dim=2).mean(dim=1).sum() / (n_crops - 1)
+        total = total - (q.unsqueeze(0) * others).sum(dim=2).mean(dim=1).sum() / (n_crops - 1)
     return total / len(crops_for_assign)

@@ -43,8 +43,11 @@ from swav_fast.queue import EmbeddingQueue  # noqa: E402
 from swav_fast.sinkhorn import sinkhorn  # noqa: E402
 from swav_fast.step import GraphStep, compiled_step_core, train_step  # noqa: E402
 
-# Ops whose result must reach the host (a CPU-GPU sync on CUDA): scalar reads and data-dependent shapes.
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique_consecutive", "_unique2", "repeat_interleave"}
+# Ops whose result must reach the host (a CPU-GPU sync on CUDA): scalar reads and data-dependent shapes; and
+# lift_fresh, a tensor made from Python data (torch.tensor, indexing with a list): on CUDA it is then copied from
+# pageable host memory, a blocking copy that also cannot be captured in a CUDA graph.
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique_consecutive", "_unique2", "repeat_interleave",
+            "lift_fresh"}
 
 
 class OpCounter(TorchDispatchMode):
