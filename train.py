@@ -197,10 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     state = None
     try:
         if cfg.resume == "auto":
-            found = ckpt.load_latest(run_dir, info.device, warn=lambda m: log(f"[yellow]{m}[/]", highlight=False))
+            found = ckpt.load_latest(run_dir, warn=lambda m: log(f"[yellow]{m}[/]", highlight=False))
             resume_from, state = found if found else (None, None)
         elif cfg.resume:
-            resume_from, state = Path(cfg.resume), ckpt.load(cfg.resume, info.device)
+            resume_from, state = Path(cfg.resume), ckpt.load(cfg.resume)
     except ckpt.CheckpointError as e:
         log(f"[bold red]resume error:[/] {e}", highlight=False)
         return 2

@@ -83,8 +83,13 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def load(path: str | Path, map_location: torch.device | str = "cpu") -> dict:
-    """Load one checkpoint, verifying its checksum when it has a sidecar; errors name the file."""
+def load(path: str | Path) -> dict:
+    """Load one checkpoint into host memory, verifying its checksum when it has a sidecar; errors name the file.
+
+    Always to the CPU: the RNG states must be host ByteTensors (set_rng_state refuses a CUDA one), and
+    load_state_dict copies the weights, the optimiser (Optimizer.load_state_dict moves its state to each
+    parameter's device) and the queue to the training device without holding a second copy there.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -97,7 +102,7 @@ def load(path: str | Path, map_location: torch.device | str = "cpu") -> dict:
     elif path.parent.name == CHECKPOINT_DIR:
         raise CheckpointError(f"checkpoint {path} has no checksum file {side.name} (its write was interrupted)")
     try:
-        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or foreign file: say which and why
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -105,13 +110,12 @@ def load(path: str | Path, map_location: torch.device | str = "cpu") -> dict:
     return state
 
 
-def load_latest(run_dir: str | Path, map_location: torch.device | str = "cpu",
-                warn=print) -> tuple[Path, dict] | None:
+def load_latest(run_dir: str | Path, warn=print) -> tuple[Path, dict] | None:
     """The newest checkpoint that verifies and loads; each one passed over is named through `warn`."""
     bad: list[str] = []
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            state = load(path, map_location)
+            state = load(path)
         except CheckpointError as e:
             bad.append(str(path))
             warn(f"skipping {e}")

@@ -305,3 +305,18 @@ def test_loss_log_on_cuda_copies_without_a_sync():
         torch.cuda.set_sync_debug_mode("default")
     got += log.close_window(None, flush=True)
     assert got == [([10.0 * w + i for i in range(4)], {"w": w}) for w in range(3)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_stop_then_resume_on_cuda(digits_dir, tmp_path, capsys, mode):
+    # a checkpoint written on the GPU resumes there: its RNG states come back as host tensors (loading it onto
+    # the GPU made torch.set_rng_state fail), weights, momentum and queue land on the GPU again
+    run_dir = tmp_path / mode
+    cuda = ["--device", "cuda", "--step_mode", mode, "--max_steps_per_epoch", "6"]
+    assert run(digits_dir, run_dir, *cuda, "--stop_after_epoch", "1") == 0
+    assert train.main(["--run_dir", str(run_dir), "--resume", "auto"]) == 0
+    err = capsys.readouterr().err
+    assert "resumed from" in err and "exported the trunk" in err, err
+    losses = losses_by_iteration(run_dir)
+    assert sorted(losses) == list(range(1, 13)) and all(math.isfinite(v) for v in losses.values())
