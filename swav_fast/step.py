@@ -15,7 +15,9 @@ import contextlib
 
 import torch
 import torch.distributed as dist
+import torch.utils._pytree
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from swav_fast.distributed import average_gradients_
 from swav_fast.loss import swapped_prediction_loss
@@ -167,14 +169,16 @@ class GraphStep:
     no extra warm-up; the cost is computing the codes with and without the queue every step (the smaller
     Sinkhorn is a few % of the larger one) and a masked_fill on the prototype gradient.
 
-    capture=False replaces capture and replay by a direct call of the same function on the same static
-    tensors, so the host logic runs and is tested on CPU. Autocast runs with its weight-cast cache off inside
-    the step (make_graphed_callables requires that too; the numbers are the same, a cast is recomputed).
+    capture=False runs the same logic on any device (CPU tests) with an emulated graph (RecordedGraph): the
+    capture records the step's ATen ops and leaves no trace, each replay runs the recorded ops again on the same
+    tensors, and the Python of the step does not run at replay, so a host value read at capture stays as it was,
+    as in a real graph. Autocast runs with its weight-cast cache off inside the step (make_graphed_callables
+    requires that too; the numbers are the same, a cast is recomputed).
     """
 
     def __init__(self, capture: bool = True, warmup: int = 3):
         self.capture, self.warmup = capture, warmup
-        self.n_captures = 0  # graphs captured (or, with capture=False, pretend captures) so far
+        self.n_captures = 0  # graphs captured (or, with capture=False, recorded) so far
         self._bound: tuple | None = None
         self._replay = None
 
@@ -240,10 +244,11 @@ class GraphStep:
     def _capture(self) -> None:
         self.n_captures += 1
         if not self.capture:
-            def call() -> None:
+            graph = RecordedGraph()
+            with graph:
                 self._loss = self._body()
-
-            self._replay = call
+            graph.undo()
+            self._replay = graph.replay
             return
         graph = torch.cuda.CUDAGraph()
         # thread_local: the loader's threads may pin host memory (cudaHostAlloc) meanwhile, which "global" capture
@@ -252,3 +257,50 @@ class GraphStep:
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self._loss = self._body()
         self._replay = graph.replay
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+class RecordedGraph(TorchDispatchMode):
+    """A CUDA graph's semantics on any device, for GraphStep(capture=False): what runs inside `with graph:` is
+    recorded as a list of ATen ops (the autograd engine's backward ops included), then `undo()` puts back every
+    tensor that existed before and was changed (a real capture runs no kernel), and `replay()` runs the recorded
+    ops again on the same tensors, each result written into the tensor the capture made. Host values are frozen
+    as they were at capture (scalars in the recorded arguments; Python branches are not re-run), so a step that
+    reads a host value it should read from a device tensor gives other numbers than eager. Collectives are
+    recorded as ops too; replay waits for each (a CUDA graph orders them on the stream)."""
+
+    def __init__(self):
+        super().__init__()
+        self._ops: list[tuple] = []
+        self._made: set[int] = set()  # ids of the tensors made during capture (kept alive by _ops)
+        self._before: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # older tensors: (tensor, their values)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for t in _tensors((args, kwargs)):
+            if id(t) not in self._made and id(t) not in self._before:
+                self._before[id(t)] = (t, t.detach().clone())  # before this op can change it
+        out = func(*args, **kwargs)
+        self._made.update(id(t) for t in _tensors(out))
+        self._ops.append((func, args, kwargs, out))
+        return out
+
+    @torch.no_grad()
+    def undo(self) -> None:
+        for t, values in self._before.values():
+            t.copy_(values)
+        self._before.clear()
+
+    @torch.no_grad()
+    def replay(self) -> None:
+        for func, args, kwargs, out in self._ops:
+            new = func(*args, **kwargs)
+            for leaf in torch.utils._pytree.tree_leaves(new):
+                if not isinstance(leaf, torch.Tensor) and hasattr(leaf, "wait"):
+                    leaf.wait()  # a collective's work handle
+            for old, fresh in zip(_tensors(out), _tensors(new), strict=True):
+                if fresh is not old:
+                    old.copy_(fresh)

@@ -1,9 +1,10 @@
 """The step's own gradient all-reduce (instead of DDP) and --step_mode graph (GraphStep), against the eager step.
 
 On CPU: GraphStep's host logic (static buffers, copy-in, device flags, warm-up/capture/replay order, recapture
-when the queue appears) with capture=False, and 2 gloo ranks where DDP and the step's own all-reduce (eager,
-GraphStep, and torch.compile(fullgraph=True) with aot_eager on rank 0) give the same parameters. On CUDA (skipped
-without one, run by tools/gpu_suite.sh): real capture and replay against eager.
+when the queue appears) with capture=False, which records the captured step's ops and replays them with every
+host value frozen as at capture (RecordedGraph: a CUDA graph's semantics), and 2 gloo ranks where DDP and the
+step's own all-reduce (eager, GraphStep, and torch.compile(fullgraph=True) with aot_eager on rank 0) give the same
+parameters. On CUDA (skipped without one, run by tools/gpu_suite.sh): real capture and replay against eager.
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ def assert_same_state(model_a, opt_a, model_b, opt_b, rtol, atol):
 @pytest.mark.parametrize("queue_from", [0, 2])
 def test_graph_runner_equals_eager_across_freeze_end_and_queue_start(queue_from):
     """Steps 0, 1 frozen; the queue (8 rows, 4 per push) exists from step queue_from and is in use 2 pushes
-    later. queue_from=2 is train.py at epoch_queue_starts: a new queue object, so the runner starts over."""
+    later. queue_from=2 is train.py at epoch_queue_starts: a new queue object, so the runner starts over. The
+    replays run the ops recorded at capture, so the lr (new every step) and the two flags must come from the
+    device tensors: a host value would stay as it was at capture (passing float(lr) or bool(frozen) fails here)."""
     eager_m, eager_opt, _ = setup()
     graph_m, graph_opt, _ = setup()
     runner = GraphStep(capture=False, warmup=1)
@@ -86,8 +89,7 @@ def test_graph_runner_equals_eager_across_freeze_end_and_queue_start(queue_from)
 
 def test_graph_runner_flags_are_read_every_step():
     """The flags come from the host state of each call (iteration vs the freeze window, the queue's fill count):
-    a runner fed a stuck state (always step 0, queue never full) ends elsewhere. (Whether a captured graph reads
-    them at every replay is the CUDA tests' part.)"""
+    a runner fed a stuck state (always step 0, queue never full) ends elsewhere."""
     good_m, good_opt, good_q = setup()
     stuck_m, stuck_opt, stuck_q = setup()
     good, stuck = GraphStep(capture=False, warmup=0), GraphStep(capture=False, warmup=0)
@@ -98,6 +100,26 @@ def test_graph_runner_flags_are_read_every_step():
     assert good.n_captures == stuck.n_captures == 1
     assert not torch.allclose(good_m.prototypes.weight, stuck_m.prototypes.weight, atol=1e-4)
     assert not torch.allclose(good_m.conv1.weight, stuck_m.conv1.weight, atol=1e-6)
+
+
+def test_recorded_graph_has_a_cuda_graphs_semantics():
+    from swav_fast.step import RecordedGraph
+
+    state, scale, made = torch.zeros(3), torch.full((), 2.0), []
+    host_factor = 10.0
+    graph = RecordedGraph()
+    with graph:
+        state.add_(1.0)  # an older tensor changed by the step
+        made.append(state * scale * host_factor)  # a new tensor; a device value and a host value
+    assert torch.equal(made[0], torch.full((3,), 20.0))  # ran once while recording ...
+    graph.undo()
+    assert torch.equal(state, torch.zeros(3))  # ... and left no trace, as a capture runs no kernel
+    graph.replay()
+    assert torch.equal(state, torch.ones(3)) and torch.equal(made[0], torch.full((3,), 20.0))
+    scale.fill_(3.0)  # read at every replay
+    host_factor = 100.0  # noqa: F841 - frozen at capture: the replay never sees it
+    graph.replay()
+    assert torch.equal(state, torch.full((3,), 2.0)) and torch.equal(made[0], torch.full((3,), 60.0))
 
 
 def test_graph_runner_refuses_to_capture_on_cpu():
@@ -276,7 +298,7 @@ def test_cuda_two_nccl_ranks_captured_step_equals_ddp(tmp_path):
 
 def test_profile_step_graph_mode_plumbing_on_cpu(monkeypatch):
     """tools/profile_step.py's graph row: its warm-up covers GraphStep's own, so the counted and timed steps are
-    replays (here direct calls: capture=False)."""
+    replays (here of the recorded ops: capture=False)."""
     import tools.profile_step as ps
 
     made = []
