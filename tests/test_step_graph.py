@@ -128,6 +128,30 @@ def test_graph_runner_refuses_to_capture_on_cpu():
         train_step(model, opt, crops_for(0), 0.1, 0, CFG, queue, core=GraphStep(capture=True))
 
 
+def test_train_py_graph_mode_gives_the_eager_losses_and_resumes(digits_dir, tmp_path, monkeypatch):
+    """train.py's graph-mode wiring on CPU, with the emulated capture: LossLog, the queue created at epoch 1 (a
+    second capture), the freeze window ending at step 3, a stop after epoch 1 and a resume (a new runner: warm-up
+    and capture again) give the eager run's losses bit for bit."""
+    import train
+    from tests.test_long_runs import losses_by_iteration
+    from tests.test_train import run
+
+    made = []
+    monkeypatch.setattr(train, "GraphStep", lambda: made.append(GraphStep(capture=False)) or made[-1])
+    monkeypatch.setattr(train, "device_config_problem", lambda cfg, on_cuda, world_size: None)  # graph on CPU
+    args = ("--epoch_queue_starts", "1", "--max_steps_per_epoch", "6")
+    assert run(digits_dir, tmp_path / "eager", *args) == 0
+    assert run(digits_dir, tmp_path / "graph", *args, "--step_mode", "graph") == 0
+    assert [g.n_captures for g in made] == [2]  # before and after the queue appeared
+    assert run(digits_dir, tmp_path / "split", *args, "--step_mode", "graph", "--stop_after_epoch", "1") == 0
+    assert train.main(["--run_dir", str(tmp_path / "split"), "--resume", "auto"]) == 0
+    assert [g.n_captures for g in made[1:]] == [1, 1]
+    eager = losses_by_iteration(tmp_path / "eager")
+    assert sorted(eager) == list(range(1, 13))
+    assert losses_by_iteration(tmp_path / "graph") == eager
+    assert losses_by_iteration(tmp_path / "split") == eager
+
+
 def test_train_py_graph_mode_on_cpu_is_one_config_error(digits_dir, tmp_path, capsys):
     from tests.test_train import run
 
