@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -307,14 +308,26 @@ def test_loss_log_on_cuda_copies_without_a_sync():
     assert got == [([10.0 * w + i for i in range(4)], {"w": w}) for w in range(3)]
 
 
+def write_noise_images(root: Path, n: int = 64, size: int = 40) -> Path:
+    """root/c<k>/<i>.jpg: random RGB JPEGs in 4 classes, with numpy and PIL only (the GPU machine may lack the
+    scikit-learn that the digits fixture needs)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        (root / f"c{i % 4}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / f"c{i % 4}" / f"{i}.jpg")
+    return root
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["eager", "graph"])
-def test_stop_then_resume_on_cuda(digits_dir, tmp_path, capsys, mode):
+def test_stop_then_resume_on_cuda(tmp_path, capsys, mode):
     # a checkpoint written on the GPU resumes there: its RNG states come back as host tensors (loading it onto
     # the GPU made torch.set_rng_state fail), weights, momentum and queue land on the GPU again
-    run_dir = tmp_path / mode
+    data, run_dir = write_noise_images(tmp_path / "images"), tmp_path / mode
     cuda = ["--device", "cuda", "--step_mode", mode, "--max_steps_per_epoch", "6"]
-    assert run(digits_dir, run_dir, *cuda, "--stop_after_epoch", "1") == 0
+    assert run(data, run_dir, *cuda, "--stop_after_epoch", "1") == 0
     assert train.main(["--run_dir", str(run_dir), "--resume", "auto"]) == 0
     err = capsys.readouterr().err
     assert "resumed from" in err and "exported the trunk" in err, err
