@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import importlib.util
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,13 @@ def write_digits(root: Path, per_class: int, size: int = 32, offset: int = 0) ->
             img = Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).resize((size, size), Image.BICUBIC)
             img.convert("RGB").save(root / str(c) / f"{i:05d}.jpg", quality=95)
     return root
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 needs_ffcv = pytest.mark.skipif(importlib.util.find_spec("ffcv") is None,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import triton
-from conftest import needs_triton_interpreter
+from conftest import free_port, needs_triton_interpreter
 from triton.backends.compiler import GPUTarget
 
 from swav_fast.kernels import sinkhorn_triton as st
@@ -176,11 +175,6 @@ def test_cpu_without_interpreter_points_to_the_reference():
 # ----------------------------------------------------------------------------- distributed (gloo, 2 ranks)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _dist_worker(rank: int, world: int, port: int, scores: torch.Tensor, out_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -215,7 +209,7 @@ def test_two_rank_gloo_equals_one_process_on_concatenated_batch(tmp_path, monkey
     out = str(tmp_path / "codes")
     for key, value in _child_env().items():  # the children inherit it: their kernels are interpreted
         monkeypatch.setenv(key, value)
-    mp.spawn(_dist_worker, args=(world, _free_port(), scores, out), nprocs=world, join=True)
+    mp.spawn(_dist_worker, args=(world, free_port(), scores, out), nprocs=world, join=True)
     results = [torch.load(f"{out}.{r}") for r in range(world)]
     for n_iters in (3, 0):
         got = torch.cat([res[n_iters][0] for res in results])

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import needs_triton_interpreter
+from conftest import free_port, needs_triton_interpreter
 
 from swav_fast.config import Config
 from swav_fast.model import SwAVModel
@@ -266,13 +266,10 @@ def test_torch_sync_batchnorm_cannot_be_traced_by_a_full_graph(variant, tmp_path
     # Why train.py refuses --step_mode compile with SyncBatchNorm on several CUDA ranks: the Function's mask is
     # a data-dependent shape that fullgraph cannot trace, while its kernels alone trace. If a torch release
     # makes the first variant trace, the refusal can go.
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     script = tmp_path / "probe.py"
     script.write_text(_SYNC_BN_PROBE)
     out = subprocess.run([sys.executable, str(script), variant, str(port)], capture_output=True, text=True,

@@ -9,13 +9,13 @@ parameters. On CUDA (skipped without one, run by tools/gpu_suite.sh): real captu
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from swav_fast.config import Config
 from swav_fast.distributed import broadcast_module_
@@ -164,11 +164,6 @@ def test_train_py_graph_mode_on_cpu_is_one_config_error(digits_dir, tmp_path, ca
 # ----------------------------------------------------------------------------- 2 ranks: DDP vs the step's all-reduce
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _rank_worker(rank: int, world: int, port: int, backend: str, variants: list[str], out: str) -> None:
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -216,7 +211,7 @@ def _rank_worker(rank: int, world: int, port: int, backend: str, variants: list[
 
 def _two_ranks(tmp_path, backend: str, variants: list[str]) -> list[dict]:
     out = str(tmp_path / "res")
-    mp.spawn(_rank_worker, args=(2, _free_port(), backend, variants, out), nprocs=2, join=True)
+    mp.spawn(_rank_worker, args=(2, free_port(), backend, variants, out), nprocs=2, join=True)
     return [torch.load(f"{out}.{r}") for r in range(2)]
 
 
