@@ -297,10 +297,11 @@ class RecordedGraph(TorchDispatchMode):
     @torch.no_grad()
     def replay(self) -> None:
         for func, args, kwargs, out in self._ops:
-            new = func(*args, **kwargs)
-            for leaf in torch.utils._pytree.tree_leaves(new):
+            leaves = torch.utils._pytree.tree_leaves(func(*args, **kwargs))
+            for leaf in leaves:
                 if not isinstance(leaf, torch.Tensor) and hasattr(leaf, "wait"):
                     leaf.wait()  # a collective's work handle
-            for old, fresh in zip(_tensors(out), _tensors(new), strict=True):
+            fresh_tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+            for old, fresh in zip(_tensors(out), fresh_tensors, strict=True):
                 if fresh is not old:
                     old.copy_(fresh)
