@@ -20,7 +20,9 @@ untouched. The HWC float32 batch is copied into a torch tensor [B, S, S, 3] on t
 
 Status: tested on DALI's CPU backend only (tests/test_dali_pipeline.py). The GPU graph is the same graph with the
 mixed decoder (jpeg_fancy_upsampling on, to match libjpeg-turbo's chroma upsampling) and the per-image contrast factor
-moved to the GPU (`.gpu()`) for the blend; it has not been run on a GPU yet.
+moved to the GPU (`.gpu()`) for the blend; it has not been run on a GPU yet. Its graph is built (without a backend)
+and checked here: the CPU graph's operators, each one that DALI implements on its device, images on the GPU and
+the parameters as CPU argument inputs.
 
 Determinism: no DALI random op is used (their state cannot be re-seeded per step); the views are a pure function of
 (seed, epoch, rank, step) and of the set of unreadable files, so `set_epoch(e, start_step=k)` yields exactly the batches

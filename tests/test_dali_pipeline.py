@@ -259,6 +259,76 @@ def test_missing_dali_gives_one_clear_line(monkeypatch):
         importlib.import_module("pipelines.dali")
 
 
+# ----------------------------------------------------------------------------- the GPU graph, without a GPU
+def graph_ops(pipe) -> list[tuple[str, str, tuple[str, ...], tuple[str, ...]]]:
+    """(operator, device, devices of its regular inputs, devices of its argument inputs) for every operator of a
+    pipeline's graph. Builds the Python side of the graph only (DALI's private `_build_graph`): a GPU pipeline's
+    backend needs a GPU, its graph does not."""
+    pipe._build_graph()
+    ops = []
+    for op in pipe._ops:
+        spec = op.spec
+        n_regular = spec.NumRegularInput()
+        ops.append((getattr(op._op, "schema_name", type(op._op).__name__), op._op.device,
+                    tuple(spec.InputDevice(i) for i in range(n_regular)),
+                    tuple(spec.InputDevice(i) for i in range(n_regular, spec.NumInput()))))
+    return ops
+
+
+def gpu_graph_problems(pipe) -> list[str]:
+    """What would make the backend refuse a GPU graph on a GPU machine: an operator without an implementation for
+    its device (DALI's Python side accepts GPU data into a CPU-only operator and leaves the error to the build),
+    or an input on the wrong side. DALI's Python side itself already refuses GPU argument inputs."""
+    from nvidia.dali import backend
+
+    registered = {"cpu": set(backend.RegisteredCPUOps()), "gpu": set(backend.RegisteredGPUOps()),
+                  "mixed": set(backend.RegisteredMixedOps())}
+    problems = []
+    for name, device, inputs, arg_inputs in graph_ops(pipe):
+        if name not in registered[device]:
+            problems.append(f"{name} has no {device} implementation")
+        wanted = {"cpu": "cpu", "mixed": "cpu", "gpu": "gpu"}[device]
+        if any(d != wanted for d in inputs):
+            problems.append(f"{name} ({device}) takes inputs on {inputs}")
+        if any(d != "cpu" for d in arg_inputs):
+            problems.append(f"{name} ({device}) takes argument inputs on {arg_inputs}")
+    return problems
+
+
+def test_gpu_graph_checker_names_an_operator_without_a_gpu_implementation():
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def
+    def bad():  # BBoxPaste is CPU-only; DALI builds this graph's Python side without complaint
+        image = fn.decoders.image(fn.external_source(name="e", dtype=types.UINT8, ndim=1), device="mixed")
+        return fn.bbox_paste(image, ratio=2.0)
+
+    assert gpu_graph_problems(bad(batch_size=2, num_threads=1, device_id=0)) == ["BBoxPaste has no gpu implementation"]
+
+
+def test_gpu_graph_is_the_cpu_tested_graph_with_every_op_on_the_gpu():
+    """The loader's GPU graph (never run here) has the operators of the CPU graph that the other tests check, each
+    implemented on its device: decoding on "mixed" (nvJPEG), every image op on the GPU, parameters as CPU
+    argument inputs. The real shapes: 2 x 224 + 6 x 96 crops."""
+    spec = MultiCropSpec(groups=(CropGroup(224, 2, 0.14, 1.0), CropGroup(96, 6, 0.05, 0.14)))
+
+    def build(device):
+        return dali.multicrop_pipeline(spec, lambda: None, device, batch_size=4, num_threads=1,
+                                       device_id=0 if device == "gpu" else None)
+
+    gpu, cpu = graph_ops(build("gpu")), graph_ops(build("cpu"))
+    assert gpu_graph_problems(build("gpu")) == []
+    assert sorted(op[0] for op in gpu) == sorted(op[0] for op in cpu)
+    image_ops = {"Resize", "BrightnessContrast", "Hsv", "ColorSpaceConversion", "reductions__Mean", "Cat",
+                 "GaussianBlur", "CropMirrorNormalize"}
+    assert {(name, device) for name, device, *_ in gpu if name in image_ops} == {(n, "gpu") for n in image_ops}
+    assert [(name, device) for name, device, *_ in gpu if name.startswith("decoders")] == [("decoders__Image", "mixed")]
+    pipe = build("gpu")
+    pipe._build_graph()
+    assert [out.device for out in pipe._graph_outputs] == ["gpu"] * spec.n_crops
+    assert gpu_graph_problems(dali.decode_pipeline("gpu", batch_size=4, num_threads=1, device_id=0)) == []
+
+
 # ------------------------------------------------------------------------------------ op-by-op fidelity
 def test_crop_matches_torchvision_resized_crop(photo_bytes_images, plain_crops, fid_params):
     """The box resized with antialias equals torchvision's float resized_crop(antialias=True) inside the box up to
