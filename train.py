@@ -109,11 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(cfg.run_dir)
     if cfg.resume not in ("", "auto") and not Path(cfg.resume).is_file():
         log(f"[bold red]error:[/] --resume {cfg.resume}: no such checkpoint file", highlight=False)
+        shutdown()
         return 2
     fresh = cfg.resume in ("", "auto") and not ckpt.list_checkpoints(run_dir)
     if not cfg.resume and not fresh:
         log(f"[bold red]error:[/] {run_dir} already holds checkpoints of a run: pass --resume auto to continue it, "
             "or choose another --run_dir", highlight=False)
+        shutdown()
         return 2
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         loader = pipelines.build(spec, cfg, info.device, info.rank, info.world_size)
     except (ValueError, FileNotFoundError, ImportError) as e:
         log(f"[bold red]data error:[/] {e}", highlight=False)
+        shutdown()
         return 2
     steps_per_epoch = len(loader)
     log(f"data: {loader.num_samples} images in {cfg.data_path} ({cfg.pipeline} pipeline), {info.world_size} "
@@ -160,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             report = interop.load_into_swav_model(weights, model, strict_head=False, source=cfg.init_from)
         except (interop.InteropError, OSError) as e:
             log(f"[bold red]--init_from error:[/] {e}", highlight=False)
+            shutdown()
             return 2
         log(f"initialised from {cfg.init_from} ({kind}): {report.summary()}", highlight=False)
     model = model.to(info.device)
@@ -182,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     step_core = (compiled_step_core() if cfg.step_mode == "compile" else GraphStep() if cfg.step_mode == "graph"
                  else None)
+    graph_step = step_core if cfg.step_mode == "graph" else None  # closed before leaving the group
 
     # ============================== optimiser ==============================
     optimizer = LARS(model.parameters(), lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.wd,
@@ -203,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             resume_from, state = Path(cfg.resume), ckpt.load(cfg.resume)
     except ckpt.CheckpointError as e:
         log(f"[bold red]resume error:[/] {e}", highlight=False)
+        shutdown(model)
         return 2
     if state is not None:
         core.load_state_dict(state["model"])
@@ -416,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{last_checkpoint()}. Common causes: too high a learning rate, fp16 overflow, "
             "unnormalised features (REFERENCE section 9)", highlight=False)
         write_metrics({"event": "non_finite_loss", "iteration": iteration, "message": str(e)})
-        shutdown(model)
+        shutdown(model, graph_step)
         return 3
     except KeyboardInterrupt:  # no shutdown: the other ranks may be inside a collective this rank never joins
         log(f"[bold red]interrupted[/] at iteration {iteration}, without a checkpoint; the last one is "
@@ -450,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         elif not finished:
             log(f"stopped after epoch {last_epoch} of {cfg.epochs} as asked (--stop_after_epoch); {resume_hint}",
                 highlight=False)
-    shutdown(model)
+    shutdown(model, graph_step)
     return 0
 
 

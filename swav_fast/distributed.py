@@ -62,8 +62,11 @@ def agree_any(flags: list[bool], info: DistInfo) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
-def shutdown(model: torch.nn.Module | None = None) -> None:
-    """Leave the process group; pass the DDP-wrapped model, if any.
+def shutdown(model: torch.nn.Module | None = None, graph_step=None) -> None:
+    """Leave the process group; pass the DDP-wrapped model, if any, and the GraphStep, if any.
+
+    The GraphStep's captured graph is freed first: NCCL does not destroy a communicator while a live CUDA graph
+    holds collectives captured on it, and destroy_process_group would wait forever (pytorch/pytorch#115388).
 
     DDP's reducer owns a reference to the group. Were it the last owner, the group would be destroyed when the
     reducer is freed, with the GIL held, while a gloo worker thread may still be freeing the Python tensors of a
@@ -71,6 +74,8 @@ def shutdown(model: torch.nn.Module | None = None) -> None:
     2-rank CPU runs (rank 1 stuck in ~ProcessGroupGloo's thread join). Dropping the reducer first leaves
     destroy_process_group, which releases the GIL, to free the group.
     """
+    if graph_step is not None:
+        graph_step.close()
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         for name in ("logger", "reducer"):  # the logger holds the reducer too
             if hasattr(model, name):

@@ -211,6 +211,17 @@ class GraphStep:
             queue.n_pushed += 1
         return self._loss.clone()  # the graph's output tensor is overwritten by the next replay
 
+    def close(self) -> None:
+        """Free the captured graph and its memory pool; a later call starts over (warm-up, capture).
+
+        Call it before torch.distributed.destroy_process_group: NCCL does not destroy a communicator while a live
+        CUDA graph holds collectives captured on it, so destroy_process_group would wait forever
+        (pytorch/pytorch#115388, open)."""
+        if self.capture and self._replay is not None:
+            torch.cuda.synchronize()  # no replay in flight when the graph goes
+        self._replay = self._loss = None
+        self._bound = None
+
     def _start(self, bound: tuple, crops: list[torch.Tensor], autocast) -> None:
         self._replay = self._loss = None  # frees the previous graph and its pool
         self._bound = bound

@@ -146,6 +146,9 @@ def test_train_py_graph_mode_gives_the_eager_losses_and_resumes(digits_dir, tmp_
     assert run(digits_dir, tmp_path / "split", *args, "--step_mode", "graph", "--stop_after_epoch", "1") == 0
     assert train.main(["--run_dir", str(tmp_path / "split"), "--resume", "auto"]) == 0
     assert [g.n_captures for g in made[1:]] == [1, 1]
+    # every runner's graph was freed when train.py left (before destroy_process_group, which NCCL makes wait for
+    # live graphs holding its collectives)
+    assert [g._replay for g in made] == [None] * 3
     eager = losses_by_iteration(tmp_path / "eager")
     assert sorted(eager) == list(range(1, 13))
     assert losses_by_iteration(tmp_path / "graph") == eager
@@ -204,6 +207,8 @@ def _rank_worker(rank: int, world: int, port: int, backend: str, variants: list[
                                 "params": {n: p.detach().cpu() for n, p in model.named_parameters()},
                                 "buffers": {n: b.cpu() for n, b in model.named_buffers() if b.is_floating_point()},
                                 "seconds": time.perf_counter() - t0}
+            if isinstance(core, GraphStep):
+                core.close()  # before destroy_process_group, which waits for graphs holding NCCL collectives
         torch.save(results, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
