@@ -3,9 +3,12 @@
 The host does as little as possible per sample: FFCV's Loader (numba threads over a memory-mapped .beton written
 by tools/write_ffcv.py) copies each sample's JPEG bytes into a batch buffer; each row is cut to its sample's
 length and packed into a staging buffer (pinned memory on CUDA, two of them used in turn); the whole batch is
-decoded by one `torchvision.io.decode_jpeg(list, mode=RGB, device=...)` call (nvJPEG on CUDA, libjpeg-turbo on
-CPU); GPUMultiCrop then draws every crop parameter on the device and builds all crops there. Nothing in a step
-waits for the device except the decode of the staging buffer that is about to be reused (two batches later).
+decoded by one `torchvision.io.decode_jpeg(list, mode=RGB, device=...)` call (nvJPEG on CUDA, on a stream kept for
+decoding: see `decode_rgb`; libjpeg-turbo on CPU); GPUMultiCrop then draws every crop parameter on the device and
+builds all crops there. The host waits for the device in two places: torchvision's CUDA decode returns only when
+nvJPEG has finished (its own synchronisation), and before a staging buffer is reused, two batches later, the host
+waits for the training stream to reach the point where that buffer's decode was handed over (which keeps the
+host at most about two batches ahead of the training stream).
 
 Order and sharding (a pure function of (seed, epoch, rank), like pipelines/reference.py):
 - `order="random"` (default; FFCV's page cache = the OS page cache): exactly torch's DistributedSampler with
@@ -170,6 +173,50 @@ def pack_rows(rows: np.ndarray, sizes: np.ndarray, out: torch.Tensor) -> list[to
     return views
 
 
+def decode_rgb(data: list[torch.Tensor], device: torch.device | str,
+               stream: torch.cuda.Stream | None = None) -> list[torch.Tensor | RuntimeError]:
+    """[3, H, W] uint8 RGB images on `device` from JPEG bytes (1-D uint8 CPU tensors): one batched
+    `torchvision.io.decode_jpeg` call (nvJPEG on CUDA), and, when it fails (one bad file fails the whole batch),
+    each file alone; a file that still fails is returned as its exception.
+
+    On CUDA the decode runs with `stream` (a stream kept for decoding) as the current stream, then the caller's
+    stream waits for it and each image is marked as used there (record_stream). Why: torchvision (0.26 to 0.29 at
+    least) allocates the images on the current stream but has nvJPEG write them from a stream of its own that
+    never waits for the current one. Decoding on the caller's stream could therefore be handed memory just freed
+    there whose last reads are still queued, and overwrite it before those reads run (a batch built from the
+    wrong pixels, or a step reading garbage; pytorch/vision#9606). Memory allocated on the decode stream is only
+    ever written by the decoder, and record_stream keeps each image's memory from being reused until the
+    caller's stream is done with it."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return _decode_each_on_failure(decode_jpeg, data, ImageReadMode.RGB, "cpu")
+    if stream is None:
+        raise ValueError("decode_rgb on CUDA needs a stream kept for decoding (see the docstring)")
+    caller = torch.cuda.current_stream(device)
+    with torch.cuda.stream(stream):
+        images = _decode_each_on_failure(decode_jpeg, data, ImageReadMode.RGB, device)
+    caller.wait_stream(stream)
+    for image in images:
+        if not isinstance(image, Exception):
+            image.record_stream(caller)
+    return images
+
+
+def _decode_each_on_failure(decode_jpeg, data, mode, device) -> list[torch.Tensor | RuntimeError]:
+    try:
+        return decode_jpeg(data, mode=mode, device=device)
+    except RuntimeError:
+        images = []
+        for d in data:
+            try:
+                images.append(decode_jpeg(d, mode=mode, device=device))
+            except RuntimeError as e:
+                images.append(e)
+        return images
+
+
 def _traversal_order_class():
     """A ffcv TraversalOrder that hands FFCV the order we computed (ffcv is imported lazily)."""
     from ffcv.traversal_order.base import TraversalOrder
@@ -223,6 +270,7 @@ class FFCVLoader:
         self._staging: list[torch.Tensor | None] = [None, None]
         self._staged: list[torch.cuda.Event | None] = [None, None]
         self._slot = 0
+        self._decode_stream: torch.cuda.Stream | None = None  # made at the first decode on CUDA
         self.loader = Loader(self.beton, batch_size=batch_size, num_workers=max(1, workers),
                              order=_traversal_order_class()(self), os_cache=order == "random", drop_last=True,
                              batches_ahead=batches_ahead,
@@ -269,13 +317,14 @@ class FFCVLoader:
 
     def _stage(self, images: np.ndarray, sizes: np.ndarray) -> list[torch.Tensor]:
         """Cut each row to its sample's length. On CUDA the bytes are packed into one of two pinned buffers
-        (nvJPEG reads host memory; pinned memory makes its copies asynchronous)."""
+        (nvJPEG copies them to the device; from pinned memory without a staging copy)."""
         if self.device.type != "cuda":
             return [torch.from_numpy(images[j, :s]) for j, s in enumerate(sizes.tolist())]
         slot, self._slot = self._slot, 1 - self._slot
         if self._staged[slot] is not None:
-            # the decode that read this buffer two batches ago is done (also before it is freed and replaced:
-            # the pinned-memory cache would otherwise hand it out while nvJPEG may still be reading it)
+            # the training stream is past the decode that read this buffer two batches ago. torchvision's decode
+            # already waited for nvJPEG before returning, so the buffer is free to reuse; this wait keeps that true
+            # for a torchvision that would not, and bounds how far the host runs ahead of the training stream
             self._staged[slot].synchronize()
         buf = self._staging[slot]
         if buf is None or buf.numel() < int(sizes.sum()):
@@ -285,19 +334,11 @@ class FFCVLoader:
         return pack_rows(images, sizes, buf)
 
     def decode(self, data: list[torch.Tensor], idx: np.ndarray) -> tuple[list[torch.Tensor], list[str]]:
-        """Decode a batch in one call; a sample that fails is replaced by the next good one of the batch."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        dev = self.device if self.device.type == "cuda" else "cpu"
-        try:
-            images = decode_jpeg(data, mode=ImageReadMode.RGB, device=dev)
-        except RuntimeError:
-            images = []
-            for d in data:
-                try:
-                    images.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=dev))
-                except RuntimeError as e:
-                    images.append(e)
+        """Decode a batch in one call (decode_rgb); a sample that fails is replaced by the next good one of the
+        batch."""
+        if self.device.type == "cuda" and self._decode_stream is None:
+            self._decode_stream = torch.cuda.Stream(self.device)
+        images = decode_rgb(data, self.device, self._decode_stream)
         skipped = [f"{self.beton} sample {int(i)} ({type(im).__name__}: {im})"
                    for im, i in zip(images, idx, strict=True) if isinstance(im, Exception)]
         if skipped:

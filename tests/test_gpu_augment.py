@@ -507,3 +507,107 @@ def test_cuda_matches_contract_and_cpu_ops(photos_or_synthetic):
     cpu = GPUMultiCrop(spec).apply(photos, params.to("cpu"))
     for x, y in zip(crops, cpu, strict=True):
         assert (x.cpu() - y).abs().max() < 2e-2  # same parameters, same views (TF32 matmuls allowed)
+
+
+# ------------------------------------------------------------------------ decode_rgb (the ffcv path's decode)
+def _jpeg_bytes(n: int, hw: tuple[int, int] = (375, 500), seed: int = 0) -> list[torch.Tensor]:
+    """Baseline JPEGs of smooth random images, with numpy and PIL only (the GPU machine lacks scikit-image)."""
+    import io
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.nn.functional.interpolate(torch.rand(1, 3, 12, 16, generator=g), size=hw, mode="bicubic")
+        buf = io.BytesIO()
+        Image.fromarray((x[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).save(buf, "JPEG", quality=90)
+        out.append(torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8))
+    return out
+
+
+def test_decode_rgb_on_cpu_decodes_the_batch_and_returns_a_bad_files_error_in_its_place():
+    from pipelines.ffcv import decode_rgb
+
+    good = _jpeg_bytes(3, (30, 40))
+    assert all(torch.equal(a, decode_jpeg(b)) for a, b in zip(decode_rgb(good, "cpu"), good, strict=True))
+    bad = torch.frombuffer(bytearray(b"\xff\xd8 not a jpeg"), dtype=torch.uint8)
+    images = decode_rgb([good[0], bad, good[2]], "cpu")
+    assert isinstance(images[1], RuntimeError)
+    assert torch.equal(images[0], decode_jpeg(good[0])) and torch.equal(images[2], decode_jpeg(good[2]))
+
+
+def test_decode_rgb_on_cuda_decodes_on_its_stream_and_hands_the_images_to_the_callers(monkeypatch):
+    """The stream wiring, with stand-ins for CUDA streams and torchvision's decode (no GPU here): the decode runs
+    with the decode stream current (torchvision allocates its outputs on the current stream and writes them from
+    its own), then the caller's stream waits for the decode stream and every image is marked as used by the
+    caller's stream. The real thing: test_cuda_decode_rgb_leaves_memory_queued_kernels_still_read_alone."""
+    import torchvision.io
+
+    from pipelines.ffcv import decode_rgb
+
+    events, current = [], ["caller"]
+
+    class FakeStream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits for {other.name}")
+
+    class FakeImage:
+        def __init__(self, k):
+            self.k = k
+
+        def record_stream(self, stream):
+            events.append(f"image {self.k} used by {stream.name}")
+
+    class StreamContext:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __enter__(self):
+            current.append(self.stream.name)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    caller, decode_stream = FakeStream("caller"), FakeStream("decode")
+
+    def fake_decode(data, mode, device):
+        events.append(f"decode of {len(data) if isinstance(data, list) else 1} on {current[-1]}")
+        if isinstance(data, list) and len(data) > 1:
+            raise RuntimeError("one bad file fails the batch")
+        return FakeImage(data.item() if not isinstance(data, list) else data[0].item())
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: caller)
+    monkeypatch.setattr(torch.cuda, "stream", StreamContext)
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", fake_decode)
+    images = decode_rgb([torch.tensor([0], dtype=torch.uint8), torch.tensor([1], dtype=torch.uint8)], "cuda",
+                        decode_stream)
+    assert [im.k for im in images] == [0, 1]
+    assert events == ["decode of 2 on decode", "decode of 1 on decode", "decode of 1 on decode",
+                      "caller waits for decode", "image 0 used by caller", "image 1 used by caller"]
+    with pytest.raises(ValueError, match="stream"):
+        decode_rgb([torch.tensor([0], dtype=torch.uint8)], "cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_decode_rgb_leaves_memory_queued_kernels_still_read_alone():
+    """Tensors the size of the decoded images are freed while kernels that read them are still queued behind a
+    sleep; the decode must not be handed their memory (torchvision's nvJPEG writes from its own stream, which
+    would overwrite them before those kernels run: pytorch/vision#9606). And the images are the CPU decode's."""
+    from pipelines.ffcv import decode_rgb
+
+    data = _jpeg_bytes(16)
+    expected = [decode_jpeg(d) for d in data]
+    stream, bad = torch.cuda.Stream(), 0
+    decode_rgb(data, "cuda", stream)  # nvJPEG's set-up, outside the timed part
+    for _ in range(20):
+        doomed = [torch.full((3, 375, 500), 7, dtype=torch.uint8, device="cuda") for _ in data]
+        torch.cuda._sleep(20_000_000)  # tens of ms of queued work ahead of the reads
+        sums = torch.stack([t.sum(dtype=torch.int64) for t in doomed])
+        del doomed  # freed on the caller's stream with the reads still queued
+        images = decode_rgb(data, "cuda", stream)
+        bad += int((sums.cpu() != 7 * 3 * 375 * 500).sum())
+        # nvJPEG and libjpeg-turbo differ by rounding (IDCT, chroma upsampling), not by pictures
+        assert max((a.cpu().float() - b.float()).abs().mean().item() for a, b in zip(images, expected, strict=True)) < 2
+    assert bad == 0, f"{bad} sums read memory the decoder had overwritten"

@@ -109,8 +109,7 @@ def time_device_side(data: str, spec: MultiCropSpec, device: torch.device, batch
                      resample: str) -> dict:
     """The device work of the ffcv path alone (decode_jpeg of a batch + gpu_augment), on JPEG bytes read into
     memory beforehand from the ImageFolder: what the GPU must sustain, measurable without ffcv installed."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
+    from pipelines.ffcv import decode_rgb  # (needs no ffcv)
     from pipelines.gpu_augment import GPUMultiCrop, augment_generator
     from pipelines.reference import scan_image_folder
 
@@ -124,11 +123,12 @@ def time_device_side(data: str, spec: MultiCropSpec, device: torch.device, batch
     if not blobs:
         raise ValueError(f"no JPEG files in {data}")
     augment = GPUMultiCrop(spec, resample=resample)
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # as FFCVLoader decodes
     t_dec = t_aug = 0.0
     for k in range(batches + warmup):
         data_k = [blobs[(k * batch + j) % len(blobs)] for j in range(batch)]
         t0 = time.perf_counter()
-        images = decode_jpeg(data_k, mode=ImageReadMode.RGB, device=device.type if device.type == "cpu" else device)
+        images = decode_rgb(data_k, device, stream)
         _sync(device)
         t1 = time.perf_counter()
         augment(images, augment_generator(0, 0, 0, k, device))
