@@ -42,6 +42,7 @@ from swav_fast.model import SwAVModel
 from swav_fast.optim import LARS, lr_schedule
 from swav_fast.queue import EmbeddingQueue, redistribute
 from swav_fast.step import GraphStep, compiled_step_core, train_step
+from swav_fast.syncbn import convert_sync_batchnorm
 
 
 def git_revision() -> str:
@@ -80,13 +81,6 @@ def device_config_problem(cfg, on_cuda: bool, world_size: int) -> str | None:
         return "--sinkhorn_impl triton needs CUDA; use the reference on CPU"
     if cfg.step_mode == "graph" and not on_cuda:
         return "--step_mode graph captures the step as a CUDA graph and needs CUDA; use eager or compile on CPU"
-    if cfg.step_mode == "compile" and on_cuda and world_size > 1 and cfg.sync_bn:
-        # torch's SyncBatchNorm drops empty ranks' statistics with a boolean mask (a data-dependent shape; it
-        # skips that only under CUDA-graph capture) and its batch_norm_* ops have no fake-tensor kernels, so
-        # torch.compile(fullgraph=True) cannot trace it (reproduced on CPU with stand-in kernels, torch 2.11 and 2.14)
-        return (f"--step_mode compile cannot trace SyncBatchNorm, which {world_size} CUDA ranks use; use "
-                "--step_mode graph (captures it) or eager, or --no-sync_bn (each rank normalises with its own batch "
-                "statistics)")
     return None
 
 
@@ -153,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 groups = [dist.new_group(list(range(s, s + cfg.sync_bn_group_size)))
                           for s in range(0, info.world_size, cfg.sync_bn_group_size)]
                 group = groups[info.rank // cfg.sync_bn_group_size]
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model, group)
+            model = convert_sync_batchnorm(model, group)  # swav_fast.syncbn: no host sync per layer
         else:
             log("note: SyncBatchNorm needs CUDA; on CPU every rank normalises with its own batch statistics "
                 "(plain BatchNorm)")

@@ -87,8 +87,7 @@ class Config:
     sinkhorn_impl: str = _f("reference", "Sinkhorn: the pure-torch reference, or the fused Triton kernel (CUDA only)",
                             choices=("reference", "triton"))
     step_mode: str = _f("eager", "eager (DDP with several ranks); compile: the whole step (forward, backward, "
-                        "gradient all-reduce, LARS, queue) as one torch.compile(fullgraph=True) graph (not with "
-                        "SyncBatchNorm on several GPUs: torch's SyncBN cannot be traced); graph (CUDA "
+                        "gradient all-reduce, LARS, queue) as one torch.compile(fullgraph=True) graph; graph (CUDA "
                         "only): the same step captured once as a CUDA graph and replayed; same numbers in all three",
                         choices=("eager", "compile", "graph"))
     # ----- run -----

@@ -4,6 +4,7 @@ the eager numbers; a dispatch-mode count finds no op that hands a value to Pytho
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -190,45 +191,17 @@ def test_step_flops_match_torchvision_resnet18_count():
 
 # ----------------------------------------------------------------------------- SyncBatchNorm under torch.compile
 
-# torch's SyncBatchNorm Function with CPU stand-ins for its CUDA-only batch_norm_* kernels, run by one gloo rank.
-# "torch": the Function as it is (it drops empty ranks' statistics with a boolean mask unless a CUDA graph is
-# being captured, which tracing is not); "static": the same kernels called with fixed shapes, no mask.
+# torch's SyncBatchNorm Function with CPU stand-ins for its CUDA-only batch_norm_* kernels (tests/syncbn_standins.py),
+# run by one gloo rank. "torch": the Function as it is (it drops empty ranks' statistics with a boolean mask unless a
+# CUDA graph is being captured, which tracing is not); "static": the same kernels called with fixed shapes, no mask.
 _SYNC_BN_PROBE = r'''
 import sys, torch, torch.distributed as dist
 from torch.nn.modules._functions import SyncBatchNorm
 
-def bshape(x):
-    return [1, -1] + [1] * (x.dim() - 2)
+sys.path.insert(0, sys.argv[3])
+import syncbn_standins
 
-def dims(x):
-    return [0] + list(range(2, x.dim()))
-
-def stats(x, eps):
-    return x.mean(dims(x)), torch.rsqrt(x.var(dims(x), unbiased=False) + eps)
-
-def gather(x, mean, invstd, running_mean, running_var, momentum, eps, counts):
-    c = counts.reshape(-1, 1)
-    m = (mean * c).sum(0) / c.sum()
-    return m, torch.rsqrt(((invstd ** -2 - eps + (mean - m) ** 2) * c).sum(0) / c.sum() + eps)
-
-def elemt(x, w, b, mean, invstd, eps):
-    return (x - mean.reshape(bshape(x))) * (invstd * w).reshape(bshape(x)) + b.reshape(bshape(x))
-
-def backward_reduce(g, x, mean, invstd, w, input_g, weight_g, bias_g):
-    sum_dy, sum_dy_xmu = g.sum(dims(x)), (g * (x - mean.reshape(bshape(x)))).sum(dims(x))
-    return sum_dy, sum_dy_xmu, sum_dy_xmu * invstd, sum_dy
-
-def backward_elemt(g, x, mean, invstd, w, sum_dy, sum_dy_xmu, count):
-    n = count.sum()
-    proj = (sum_dy_xmu / n * invstd ** 2).reshape(bshape(x))
-    return ((g - (sum_dy / n).reshape(bshape(x)) - (x - mean.reshape(bshape(x))) * proj)
-            * (invstd * w).reshape(bshape(x)))
-
-lib = torch.library.Library("aten", "IMPL")
-for name, fn in (("batch_norm_stats", stats), ("batch_norm_gather_stats_with_counts", gather),
-                 ("batch_norm_elemt", elemt), ("batch_norm_backward_reduce", backward_reduce),
-                 ("batch_norm_backward_elemt", backward_elemt)):
-    lib.impl(name, fn, "CPU")
+syncbn_standins.register()
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=0, world_size=1)
 w, b = torch.ones(3, requires_grad=True), torch.zeros(3, requires_grad=True)
 running_mean, running_var = torch.zeros(3), torch.ones(3)
@@ -263,17 +236,17 @@ dist.destroy_process_group()
 
 @pytest.mark.parametrize("variant", ["torch", "static"])
 def test_torch_sync_batchnorm_cannot_be_traced_by_a_full_graph(variant, tmp_path):
-    # Why train.py refuses --step_mode compile with SyncBatchNorm on several CUDA ranks: the Function's mask is
-    # a data-dependent shape that fullgraph cannot trace, while its kernels alone trace. If a torch release
-    # makes the first variant trace, the refusal can go.
+    # Why swav_fast has its own SyncBatchNorm (swav_fast/syncbn.py, which traces: tests/test_syncbn.py): the mask
+    # of torch's Function is a data-dependent shape that fullgraph cannot trace (and a host sync per layer on
+    # CUDA), while its kernels alone trace. If a torch release drops the mask, swav_fast.syncbn can go.
     import subprocess
     import sys
 
     port = free_port()
     script = tmp_path / "probe.py"
     script.write_text(_SYNC_BN_PROBE)
-    out = subprocess.run([sys.executable, str(script), variant, str(port)], capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run([sys.executable, str(script), variant, str(port), str(Path(__file__).resolve().parent)],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith(("TRACE", "TRACED"))]
     if variant == "torch":
@@ -282,16 +255,11 @@ def test_torch_sync_batchnorm_cannot_be_traced_by_a_full_graph(variant, tmp_path
         assert lines == ["TRACED True"], out.stdout + out.stderr[-3000:]
 
 
-def test_compile_mode_with_sync_bn_on_several_cuda_ranks_is_refused():
+def test_device_config_problems():
     from train import device_config_problem
 
-    compile_cfg = Config(step_mode="compile")
-    problem = device_config_problem(compile_cfg, on_cuda=True, world_size=4)
-    assert problem and "--step_mode compile" in problem and "SyncBatchNorm" in problem and "graph" in problem
-    assert "--no-sync_bn" in problem
-    assert device_config_problem(Config(step_mode="compile", sync_bn=False), on_cuda=True, world_size=4) is None
-    assert device_config_problem(compile_cfg, on_cuda=True, world_size=1) is None  # one rank: plain BatchNorm
-    assert device_config_problem(compile_cfg, on_cuda=False, world_size=2) is None  # CPU ranks: plain BatchNorm
+    # compile with SyncBatchNorm on several CUDA ranks: accepted (swav_fast.syncbn traces; tests/test_syncbn.py)
+    assert device_config_problem(Config(step_mode="compile"), on_cuda=True, world_size=4) is None
     assert device_config_problem(Config(step_mode="graph"), on_cuda=True, world_size=4) is None
     assert "CUDA" in device_config_problem(Config(step_mode="graph"), on_cuda=False, world_size=1)
     assert "CUDA" in device_config_problem(Config(sinkhorn_impl="triton"), on_cuda=False, world_size=1)

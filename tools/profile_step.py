@@ -46,8 +46,11 @@ from swav_fast.step import GraphStep, compiled_step_core, train_step  # noqa: E4
 # Ops whose result must reach the host (a CPU-GPU sync on CUDA): scalar reads and data-dependent shapes; and
 # lift_fresh, a tensor made from Python data (torch.tensor, indexing with a list): on CUDA it is then copied from
 # pageable host memory, a blocking copy that also cannot be captured in a CUDA graph.
+# And indexing with a boolean mask (index, index_put_: `x[mask]`, `x[mask] = v`), whose kernel turns the mask into
+# indices with nonzero inside it, where a dispatch mode does not see that nonzero: counted as "index (bool mask)".
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique_consecutive", "_unique2", "repeat_interleave",
-            "lift_fresh"}
+            "lift_fresh", "index (bool mask)"}
+_INDEX_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}
 
 
 class OpCounter(TorchDispatchMode):
@@ -58,7 +61,11 @@ class OpCounter(TorchDispatchMode):
         self.ops: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
+        name = func.overloadpacket.__name__
+        if name in _INDEX_OPS and len(args) > 1 and any(
+                isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1] or ()):
+            name = "index (bool mask)"
+        self.ops[name] += 1
         return func(*args, **(kwargs or {}))
 
     @property
