@@ -36,6 +36,7 @@ reference `swav_fast.sinkhorn.sinkhorn` on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -131,7 +132,10 @@ def _prototype_sums_kernel(s_ptr, p_ptr, part_ptr, n_rows, n_protos_v, stride_v,
                 offs_k = k0 + cols
                 mask_k = offs_k < n_protos
                 col = tl.sum(_exp_tile(row_ptrs, offs_k, mask_b, n_protos, scale) * c[:, None], axis=0)
-                # The program owns its partial row: the first tile stores, later tiles add to it.
+                # The program owns its partial row: the first tile stores, later tiles add to it. The barrier
+                # makes the previous tile's stores (by other threads of this program: the compiler may give the
+                # load and the store different layouts) visible before they are read back.
+                tl.debug_barrier()
                 prev = tl.load(part_row + offs_k, mask=mask_k & (t != pid), other=0.0)
                 tl.store(part_row + offs_k, prev + col, mask=mask_k)
 
@@ -324,6 +328,12 @@ def _sinkhorn_fused(scores: torch.Tensor, eps: float, n_iters: int, process_grou
     partials = (torch.zeros if n_tiles == 0 else torch.empty)((grid[0], n_protos), dtype=torch.float32, device=device)
     codes = torch.empty((n_rows, n_protos), dtype=torch.float32, device=device)
 
+    # Triton launches on the current CUDA device: make it the scores' device
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        return _launch(scores, partials, codes, grid, args, n_iters, n_rows, n_protos, process_group)
+
+
+def _launch(scores, partials, codes, grid, args, n_iters, n_rows, n_protos, process_group) -> torch.Tensor:
     p = partials  # placeholder pointer for the first pass, never read
     for i in range(max(n_iters, 1)):
         _prototype_sums_kernel[grid](scores, p, partials, FIRST=i == 0, **args)
