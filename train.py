@@ -309,12 +309,26 @@ def main(argv: list[str] | None = None) -> int:
     # read one window later (guards.LossLog), or at once before a checkpoint and at the end of an epoch.
     losses = guards.LossLog(cfg.log_every, info.device)
     last_ckpt_time, stop_now = time.monotonic(), False
+    # A non-finite loss is kept here until the ranks agree (each checks only its own losses, and one rank may see
+    # it a window before the others); then every rank stops together, none left waiting in a collective.
+    non_finite: list[guards.NonFiniteLoss] = []
+
+    def stop_if_non_finite(agreed: bool) -> None:
+        if agreed:
+            raise non_finite[0] if non_finite else guards.NonFiniteLoss(
+                f"another rank's loss is not finite (by iteration {iteration}; this rank's losses were finite)")
 
     def report(values: list[float], w: dict) -> None:
         """Check, log and record one window of per-step losses (w: what the loop knew when the window closed)."""
         nonlocal epoch_loss_sum
         first = w["iteration"] - len(values)
-        guards.first_non_finite(values, first)
+        if non_finite:
+            return
+        try:
+            guards.first_non_finite(values, first)
+        except guards.NonFiniteLoss as e:
+            non_finite.append(e)
+            return
         epoch_loss_sum += sum(values)
         warning = collapse.update(values, first)
         if warning:
@@ -379,11 +393,13 @@ def main(argv: list[str] | None = None) -> int:
                         close_window(epoch, step, first_step, task, lr, flush=epoch_end)
                         timed = cfg.checkpoint_every_minutes > 0 and (
                             time.monotonic() - last_ckpt_time) / 60 >= cfg.checkpoint_every_minutes
-                        stop_now, timed = agree_any([bool(stop_signal), timed], info)
+                        stop_now, timed, bad = agree_any([bool(stop_signal), timed, bool(non_finite)], info)
+                        stop_if_non_finite(bad)
                     by_steps = cfg.checkpoint_every_steps > 0 and iteration % cfg.checkpoint_every_steps == 0
                     if not epoch_end and (timed or by_steps or stop_now):
                         # never checkpoint a state whose losses were not checked: wait for them now
                         close_window(epoch, step, first_step, task, lr, flush=True)
+                        stop_if_non_finite(agree_any([bool(non_finite)], info)[0])
                         path = save(epoch, step + 1)
                         last_ckpt_time = time.monotonic()
                         if path:

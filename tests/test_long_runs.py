@@ -210,6 +210,41 @@ def test_non_finite_loss_stops_and_names_the_step(digits_dir, tmp_path, monkeypa
     assert len(events(run_dir, "non_finite_loss")) == 1
 
 
+_NAN_ON_RANK_1 = r'''
+import os, sys
+sys.path.insert(0, os.getcwd())
+import train
+from swav_fast import guards
+
+if os.environ["RANK"] == "1":  # rank 1 alone records a non-finite loss for its 4th step (the last of epoch 1)
+    real, calls = guards.LossLog.add, []
+
+    def add(self, loss):
+        calls.append(1)
+        return real(self, loss * float("nan") if len(calls) == 4 else loss)
+
+    guards.LossLog.add = add
+sys.exit(train.main(sys.argv[1:]))
+'''
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_together(digits_dir, tmp_path):
+    """Each rank reads only its own losses, so one may find a NaN when the others do not; the ranks agree on it,
+    all stop with the message and nothing is saved (before: that rank left, the others waited for it in the next
+    collective until torchrun killed them, and rank 0 never said why)."""
+    script, run_dir = tmp_path / "nan_on_rank_1.py", tmp_path / "nan_ddp"
+    script.write_text(_NAN_ON_RANK_1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *TINY,
+           "--batch_size", "4", "--log_every", "2", "--data_path", str(digits_dir), "--run_dir", str(run_dir)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "another rank's loss is not finite (by iteration 4" in proc.stderr, proc.stderr[-3000:]
+    assert "exitcode: 3" in proc.stderr  # torchrun names a rank that left with the NaN exit code
+    assert len(events(run_dir, "non_finite_loss")) == 1
+    assert ckpt.list_checkpoints(run_dir) == []  # not even epoch 1's end, whose last step was the bad one
+
+
 def test_collapsed_run_warns_exactly_once(digits_dir, tmp_path, monkeypatch, capsys):
     ln_k = math.log(10)
 
