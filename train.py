@@ -95,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     info = init_distributed(cfg.device)
     log = console.print if info.is_main else (lambda *a, **k: None)
     on_cuda = info.device.type == "cuda"
+    if on_cuda:
+        # as the official main_swav.py: cuDNN times its algorithms for each shape in the first steps (in graph mode
+        # the warm-up steps, before the capture) and keeps the fastest
+        torch.backends.cudnn.benchmark = True
     problem = device_config_problem(cfg, on_cuda, info.world_size)
     if problem:
         log(f"[bold red]config error:[/] {problem}", highlight=False)
@@ -174,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     # itself, so that it stays one graph
     grad_group = info.group if cfg.step_mode != "eager" else None
     if info.world_size > 1 and grad_group is None:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[info.local_rank] if on_cuda else None)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[info.device.index] if on_cuda else None)
     else:
         broadcast_module_(core, grad_group)  # as DDP does when it wraps: every rank starts from rank 0's weights
 

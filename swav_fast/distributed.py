@@ -31,6 +31,18 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def cuda_index(local_rank: int, n_visible: int) -> int:
+    """The GPU of a local rank: its own index when every GPU of the node is visible (torchrun), 0 when each process
+    sees one GPU (SLURM with --gpus-per-task=1 sets CUDA_VISIBLE_DEVICES per task)."""
+    if n_visible == 1:
+        return 0
+    if local_rank >= n_visible:
+        raise RuntimeError(f"LOCAL_RANK {local_rank}, but this process sees {n_visible} GPUs: start at most "
+                           f"{n_visible} processes per node (torchrun --nproc_per_node={n_visible}), or give each "
+                           "process its own GPU through CUDA_VISIBLE_DEVICES")
+    return local_rank
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """NCCL on CUDA, gloo on CPU; one CUDA device per local rank."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
@@ -38,8 +50,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
         raise RuntimeError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     if use_cuda:
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
+        dev = torch.device("cuda", cuda_index(local, torch.cuda.device_count()))
+        torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
     control = None

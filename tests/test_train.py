@@ -260,3 +260,12 @@ def test_wrong_kind_of_data_path_fails_clearly(digits_dir, digits_beton, tmp_pat
     assert "data error" in text and str(data) in text
     assert ("write_ffcv.py" in text) if pipeline == "ffcv" else ("is a file, not a directory" in text)
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_cuda_index_of_a_local_rank():
+    from swav_fast.distributed import cuda_index
+
+    assert [cuda_index(r, 4) for r in range(4)] == [0, 1, 2, 3]  # torchrun: every GPU of the node visible
+    assert cuda_index(3, 1) == 0  # SLURM --gpus-per-task=1: each process sees only its own GPU
+    with pytest.raises(RuntimeError, match=r"LOCAL_RANK 4, but this process sees 4 GPUs.*--nproc_per_node=4"):
+        cuda_index(4, 4)

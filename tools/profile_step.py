@@ -153,6 +153,7 @@ def profile(mode: str, cfg: Config, device: torch.device, batch: int, steps: int
     on_cuda = device.type == "cuda"
     if on_cuda:
         model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True  # as train.py and the official main_swav.py
     crops = synthetic_crops(batch, cfg.size_crops, cfg.nmb_crops, device)
     if not on_cuda:
         crops = [c.contiguous() for c in crops]
