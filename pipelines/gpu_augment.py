@@ -50,9 +50,10 @@ individual views are not bit-identical:
   sigma^2 (it mixes in ~2 % of the neighbours at sigma 0.2). Measured against PIL's GaussianBlur(radius=sigma) on
   the same 8-bit crop: mean abs difference ~0.45/255, a few levels at sharp edges.
 - Everything stays float32 from decode to output (the reference rounds to uint8 after the resize, each jitter op,
-  grayscale and blur); no bf16 path. On CUDA, cuDNN runs the blur convolution in TF32 by default
-  (torch.backends.cudnn.allow_tf32), and the resampling products run in TF32 if the caller enables TF32 matmuls:
-  relative error ~1e-3, below one 8-bit level.
+  grayscale and blur); no bf16 path. On CUDA the blur (a depthwise convolution) runs in TF32 if torch hands it to
+  cuDNN (torch.backends.cudnn.allow_tf32, on by default; for float32 depthwise convolutions torch often uses its
+  own exact kernel instead), and the resampling products run in TF32 if the caller enables TF32 matmuls: relative
+  error ~1e-3, below one 8-bit level.
 - Padding: images of different sizes are padded to the largest height and width of the batch; the padded pixels get
   zero weight and never reach an output (cost only: mixed portrait/landscape batches do more work).
 """
