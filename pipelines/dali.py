@@ -220,14 +220,17 @@ def apply(spec: MultiCropSpec, encoded: list[np.ndarray], params, device: torch.
     device = torch.device(device)
     gpu = device.type == "cuda"
     batches = iter([(list(encoded), *pack_params(spec, params))])
+    if gpu and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     pipe = _built(multicrop_pipeline(spec, lambda: next(batches), "gpu" if gpu else "cpu", batch_size=len(encoded),
                                      num_threads=num_threads, prefetch_queue_depth=1,
-                                     device_id=(device.index or 0) if gpu else None))
-    outputs = pipe.run()
+                                     device_id=device.index if gpu else None))
+    stream = torch.cuda.current_stream(device) if gpu else None
+    outputs = pipe.run(stream)  # on the GPU: outputs bound to torch's stream (see DaliLoader's loop)
     crops = []
     for out, size in zip(outputs, spec.crop_sizes, strict=True):
         t = torch.empty(len(encoded), size, size, 3, dtype=torch.float32, device=device)
-        feed_ndarray(out.as_tensor(), t, cuda_stream=torch.cuda.current_stream(device) if gpu else None)
+        feed_ndarray(out.as_tensor(), t, cuda_stream=stream)
         crops.append(t.permute(0, 3, 1, 2))
     return crops
 
@@ -380,9 +383,12 @@ class DaliLoader:
         self._pipe_state = "fresh"
         return self._pipe
 
+    def _stream(self) -> torch.cuda.Stream | None:
+        return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+
     def _to_torch(self, outputs) -> list[torch.Tensor]:
         crops = []
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        stream = self._stream()
         for out, size in zip(outputs, self.spec.crop_sizes, strict=True):
             t = torch.empty(self.batch_size, size, size, 3, dtype=torch.float32, device=self.device)
             feed_ndarray(out.as_tensor(), t, cuda_stream=stream)  # dense [B, S, S, 3]
@@ -436,7 +442,11 @@ class DaliLoader:
             step = self.start_step
             while True:
                 try:
-                    outputs = pipe.run()  # the first call schedules `prefetch` steps, each later one the next step
+                    # the first call schedules `prefetch` steps, each later one the next step. On the GPU the outputs
+                    # are bound to torch's current stream: the copies out of them (_to_torch) are then ordered on that
+                    # stream without the host waiting for it (unbound, the host waits for the stream at each copy,
+                    # i.e. for the training step queued before it)
+                    outputs = pipe.run(self._stream())
                 except StopIteration:
                     break
                 except RuntimeError as e:

@@ -590,6 +590,20 @@ def test_decode_rgb_on_cuda_decodes_on_its_stream_and_hands_the_images_to_the_ca
         decode_rgb([torch.tensor([0], dtype=torch.uint8)], "cuda")
 
 
+def test_profile_pipelines_device_side_replaces_an_undecodable_jpeg(tmp_path):
+    """tools/profile_pipeline.py's decode+augment row on a folder with a broken JPEG (ImageNet has a few that the
+    GPU decoder refuses): replaced as the loader replaces them, not a crash."""
+    from tools.profile_pipeline import time_device_side
+
+    (tmp_path / "c").mkdir()
+    for k, data in enumerate(_jpeg_bytes(3, (40, 50))):
+        (tmp_path / "c" / f"{k}.jpg").write_bytes(data.numpy().tobytes())
+    (tmp_path / "c" / "3.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    spec = MultiCropSpec(groups=(CropGroup(24, 2, 0.14, 1.0), CropGroup(12, 2, 0.05, 0.14)))
+    row = time_device_side(str(tmp_path), spec, torch.device("cpu"), 4, 1, 0, "matmul")
+    assert row["samples_per_s"] > 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_decode_rgb_leaves_memory_queued_kernels_still_read_alone():
     """Tensors the size of the decoded images are freed while kernels that read them are still queued behind a

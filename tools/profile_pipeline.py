@@ -129,6 +129,10 @@ def time_device_side(data: str, spec: MultiCropSpec, device: torch.device, batch
         data_k = [blobs[(k * batch + j) % len(blobs)] for j in range(batch)]
         t0 = time.perf_counter()
         images = decode_rgb(data_k, device, stream)
+        good = [im for im in images if not isinstance(im, Exception)]
+        if not good:
+            raise ValueError(f"no JPEG of batch {k} from {data} could be decoded on {device}: {images[0]}")
+        images = [im if not isinstance(im, Exception) else good[0] for im in images]  # as the loader replaces them
         _sync(device)
         t1 = time.perf_counter()
         augment(images, augment_generator(0, 0, 0, k, device))
