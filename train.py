@@ -75,8 +75,8 @@ def gather_rng(info: DistInfo) -> list:
     return states
 
 
-def device_config_problem(cfg, on_cuda: bool, world_size: int) -> str | None:
-    """What in the config the device or the rank count cannot run (a one-line message), or None."""
+def device_config_problem(cfg, on_cuda: bool) -> str | None:
+    """What in the config the device cannot run (a one-line message), or None."""
     if cfg.sinkhorn_impl == "triton" and not on_cuda:
         return "--sinkhorn_impl triton needs CUDA; use the reference on CPU"
     if cfg.step_mode == "graph" and not on_cuda:
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         # as the official main_swav.py: cuDNN times its algorithms for each shape in the first steps (in graph mode
         # the warm-up steps, before the capture) and keeps the fastest
         torch.backends.cudnn.benchmark = True
-    problem = device_config_problem(cfg, on_cuda, info.world_size)
+    problem = device_config_problem(cfg, on_cuda)
     if problem:
         log(f"[bold red]config error:[/] {problem}", highlight=False)
         shutdown()

@@ -138,7 +138,7 @@ def test_train_py_graph_mode_gives_the_eager_losses_and_resumes(digits_dir, tmp_
 
     made = []
     monkeypatch.setattr(train, "GraphStep", lambda: made.append(GraphStep(capture=False)) or made[-1])
-    monkeypatch.setattr(train, "device_config_problem", lambda cfg, on_cuda, world_size: None)  # graph on CPU
+    monkeypatch.setattr(train, "device_config_problem", lambda cfg, on_cuda: None)  # graph on CPU
     args = ("--epoch_queue_starts", "1", "--max_steps_per_epoch", "6")
     assert run(digits_dir, tmp_path / "eager", *args) == 0
     assert run(digits_dir, tmp_path / "graph", *args, "--step_mode", "graph") == 0
