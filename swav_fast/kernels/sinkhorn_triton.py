@@ -330,21 +330,17 @@ def _sinkhorn_fused(scores: torch.Tensor, eps: float, n_iters: int, process_grou
 
     # Triton launches on the current CUDA device: make it the scores' device
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        return _launch(scores, partials, codes, grid, args, n_iters, n_rows, n_protos, process_group)
-
-
-def _launch(scores, partials, codes, grid, args, n_iters, n_rows, n_protos, process_group) -> torch.Tensor:
-    p = partials  # placeholder pointer for the first pass, never read
-    for i in range(max(n_iters, 1)):
-        _prototype_sums_kernel[grid](scores, p, partials, FIRST=i == 0, **args)
-        p = partials.sum(dim=0)
-        if process_group is not None and n_iters > 0:
-            dist.all_reduce(p, group=process_group)
-    if n_iters == 0:  # codes = B E / total (the one case where the global total does not cancel)
-        world = dist.get_world_size(process_group) if process_group is not None else 1
-        total = p.sum()
-        if process_group is not None:
-            dist.all_reduce(total, group=process_group)
-        p = (total / (n_rows * world)).expand(n_protos).contiguous()
-    _codes_kernel[grid](scores, p, codes, ROWNORM=n_iters > 0, **args)
+        p = partials  # placeholder pointer for the first pass, never read
+        for i in range(max(n_iters, 1)):
+            _prototype_sums_kernel[grid](scores, p, partials, FIRST=i == 0, **args)
+            p = partials.sum(dim=0)
+            if process_group is not None and n_iters > 0:
+                dist.all_reduce(p, group=process_group)
+        if n_iters == 0:  # codes = B E / total (the one case where the global total does not cancel)
+            world = dist.get_world_size(process_group) if process_group is not None else 1
+            total = p.sum()
+            if process_group is not None:
+                dist.all_reduce(total, group=process_group)
+            p = (total / (n_rows * world)).expand(n_protos).contiguous()
+        _codes_kernel[grid](scores, p, codes, ROWNORM=n_iters > 0, **args)
     return codes
