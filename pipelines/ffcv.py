@@ -204,6 +204,16 @@ def decode_rgb(data: list[torch.Tensor], device: torch.device | str,
     return images
 
 
+def replace_undecodable(images: list[torch.Tensor | Exception]) -> list[torch.Tensor] | None:
+    """decode_rgb's batch with each failed entry replaced by the next decoded image of the batch (cyclically);
+    None when no image of the batch decoded."""
+    good = [k for k, im in enumerate(images) if not isinstance(im, Exception)]
+    if not good:
+        return None
+    return [im if not isinstance(im, Exception) else images[min(good, key=lambda g: (g - k) % len(images))]
+            for k, im in enumerate(images)]
+
+
 def _decode_each_on_failure(decode_jpeg, data, mode, device) -> list[torch.Tensor | RuntimeError]:
     try:
         return decode_jpeg(data, mode=mode, device=device)
@@ -342,12 +352,10 @@ class FFCVLoader:
         skipped = [f"{self.beton} sample {int(i)} ({type(im).__name__}: {im})"
                    for im, i in zip(images, idx, strict=True) if isinstance(im, Exception)]
         if skipped:
-            good = [k for k, im in enumerate(images) if not isinstance(im, Exception)]
-            if not good:
+            images = replace_undecodable(images)
+            if images is None:
                 raise DataError(f"no image of a batch of {self.beton} could be decoded (samples "
                                 f"{idx[:5].tolist()}...): is it a tools/write_ffcv.py file?")
-            images = [im if not isinstance(im, Exception) else images[min(good, key=lambda g: (g - k) % len(images))]
-                      for k, im in enumerate(images)]
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()

@@ -109,7 +109,7 @@ def time_device_side(data: str, spec: MultiCropSpec, device: torch.device, batch
                      resample: str) -> dict:
     """The device work of the ffcv path alone (decode_jpeg of a batch + gpu_augment), on JPEG bytes read into
     memory beforehand from the ImageFolder: what the GPU must sustain, measurable without ffcv installed."""
-    from pipelines.ffcv import decode_rgb  # (needs no ffcv)
+    from pipelines.ffcv import decode_rgb, replace_undecodable  # (needs no ffcv)
     from pipelines.gpu_augment import GPUMultiCrop, augment_generator
     from pipelines.reference import scan_image_folder
 
@@ -128,11 +128,10 @@ def time_device_side(data: str, spec: MultiCropSpec, device: torch.device, batch
     for k in range(batches + warmup):
         data_k = [blobs[(k * batch + j) % len(blobs)] for j in range(batch)]
         t0 = time.perf_counter()
-        images = decode_rgb(data_k, device, stream)
-        good = [im for im in images if not isinstance(im, Exception)]
-        if not good:
-            raise ValueError(f"no JPEG of batch {k} from {data} could be decoded on {device}: {images[0]}")
-        images = [im if not isinstance(im, Exception) else good[0] for im in images]  # as the loader replaces them
+        decoded = decode_rgb(data_k, device, stream)
+        images = replace_undecodable(decoded)  # as the loader replaces them
+        if images is None:
+            raise ValueError(f"no JPEG of batch {k} from {data} could be decoded on {device}: {decoded[0]}")
         _sync(device)
         t1 = time.perf_counter()
         augment(images, augment_generator(0, 0, 0, k, device))
