@@ -485,6 +485,13 @@ def test_blur(small_photos, photos):
     assert np.mean(pil_err) < 0.8 / 255, np.mean(pil_err) * 255
 
 
+def smooth_images(sizes: list[tuple[int, int]], seed: int = 0) -> list[torch.Tensor]:
+    """Photo-like uint8 [3, H, W] images (bicubic upsampling of 12 x 16 random colours), torch only."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.nn.functional.interpolate(torch.rand(1, 3, 12, 16, generator=g), size=hw, mode="bicubic")
+             .clamp(0, 1)[0] * 255).round().byte() for hw in sizes]
+
+
 @pytest.fixture
 def photos_or_synthetic(request) -> list[torch.Tensor]:
     """The real photos where scikit-image/-learn are installed; else smooth synthetic images of the same sizes
@@ -492,9 +499,7 @@ def photos_or_synthetic(request) -> list[torch.Tensor]:
     try:
         return request.getfixturevalue("photos")
     except pytest.skip.Exception:
-        g = torch.Generator().manual_seed(0)
-        return [(torch.nn.functional.interpolate(torch.rand(1, 3, 12, 16, generator=g), size=hw, mode="bicubic")
-                 .clamp(0, 1)[0] * 255).round().byte() for hw in SIZES]
+        return smooth_images(SIZES)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -511,15 +516,13 @@ def test_cuda_matches_contract_and_cpu_ops(photos_or_synthetic):
 
 # ------------------------------------------------------------------------ decode_rgb (the ffcv path's decode)
 def _jpeg_bytes(n: int, hw: tuple[int, int] = (375, 500), seed: int = 0) -> list[torch.Tensor]:
-    """Baseline JPEGs of smooth random images, with numpy and PIL only (the GPU machine lacks scikit-image)."""
+    """Baseline JPEGs of smooth_images, with PIL only (the GPU machine lacks scikit-image)."""
     import io
 
-    g = torch.Generator().manual_seed(seed)
     out = []
-    for _ in range(n):
-        x = torch.nn.functional.interpolate(torch.rand(1, 3, 12, 16, generator=g), size=hw, mode="bicubic")
+    for x in smooth_images([hw] * n, seed):
         buf = io.BytesIO()
-        Image.fromarray((x[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).save(buf, "JPEG", quality=90)
+        Image.fromarray(x.permute(1, 2, 0).numpy()).save(buf, "JPEG", quality=90)
         out.append(torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8))
     return out
 
