@@ -4,11 +4,10 @@ torch.nn.SyncBatchNorm gathers every rank's (mean, invstd, count) and then drops
 with a boolean mask (`count_all[mask]`, `mean_all[mask]`, `invstd_all[mask]`). A boolean mask gives a shape that
 depends on the data, so each BatchNorm layer makes the host wait for the GPU three times (107 layer calls per step
 for ResNet-50's trunk run on two crop resolutions plus the head), unless a CUDA graph is being captured, when
-torch skips the mask; and the mask is why
-torch.compile(fullgraph=True) cannot trace torch's SyncBatchNorm. Here every rank's batch has the same, non-zero
-size (drop_last), so the mask never drops anything: this forward is torch's without it (the same kernels, the
-same gathered statistics, the same saved tensors) and the backward is torch's own, inherited. An empty batch is
-refused instead of being masked out.
+torch skips the mask; and the mask is why torch.compile(fullgraph=True) cannot trace torch's SyncBatchNorm.
+Here every rank's batch has the same, non-zero size (drop_last), so the mask never drops anything: this forward
+is torch's without it (the same kernels, the same gathered statistics, the same saved tensors) and the backward
+is torch's own, inherited. An empty batch is refused instead of being masked out.
 """
 
 from __future__ import annotations
