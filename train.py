@@ -32,17 +32,17 @@ from swav_fast.config import ConfigError, parse_config, to_toml, trimmed_queue_l
 from swav_fast.distributed import (
     DistInfo,
     agree_any,
-    broadcast_module_,
     init_distributed,
     shutdown,
+    sync_batchnorm,
     world_size_from_env,
+    wrap_for_step_mode,
 )
 from swav_fast.guards import CollapseMonitor
 from swav_fast.model import SwAVModel
 from swav_fast.optim import LARS, lr_schedule
 from swav_fast.queue import EmbeddingQueue, redistribute
 from swav_fast.step import GraphStep, compiled_step_core, train_step
-from swav_fast.syncbn import convert_sync_batchnorm
 
 
 def git_revision() -> str:
@@ -145,13 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     model = SwAVModel(cfg.arch, cfg.hidden_mlp, cfg.feat_dim, cfg.nmb_prototypes)
     if info.world_size > 1 and cfg.sync_bn:
         if on_cuda:
-            group = None
-            if cfg.sync_bn_group_size:
-                # every rank must create every group, in the same order
-                groups = [dist.new_group(list(range(s, s + cfg.sync_bn_group_size)))
-                          for s in range(0, info.world_size, cfg.sync_bn_group_size)]
-                group = groups[info.rank // cfg.sync_bn_group_size]
-            model = convert_sync_batchnorm(model, group)  # swav_fast.syncbn: no host sync per layer
+            model = sync_batchnorm(model, info, cfg.sync_bn_group_size)  # swav_fast.syncbn: no host sync per layer
         else:
             log("note: SyncBatchNorm needs CUDA; on CPU every rank normalises with its own batch statistics "
                 "(plain BatchNorm)")
@@ -174,13 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         # the exact starting point, for "before vs after" evaluations (tools/knn_eval.py --baseline)
         ckpt.export_trunk(model.state_dict(), run_dir / f"trunk_init_{cfg.arch}.pth")
     core = model
-    # eager: DDP (its bucketed all-reduce overlaps backward); compile, graph: the step all-reduces the gradients
-    # itself, so that it stays one graph
-    grad_group = info.group if cfg.step_mode != "eager" else None
-    if info.world_size > 1 and grad_group is None:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[info.device.index] if on_cuda else None)
-    else:
-        broadcast_module_(core, grad_group)  # as DDP does when it wraps: every rank starts from rank 0's weights
+    # eager: DDP; compile, graph: the step all-reduces the gradients itself, so that it stays one graph
+    model, grad_group = wrap_for_step_mode(model, cfg.step_mode, info)
 
     step_core = (compiled_step_core() if cfg.step_mode == "compile" else GraphStep() if cfg.step_mode == "graph"
                  else None)

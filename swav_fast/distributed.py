@@ -88,12 +88,18 @@ def shutdown(model: torch.nn.Module | None = None, graph_step=None) -> None:
     """
     if graph_step is not None:
         graph_step.close()
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        for name in ("logger", "reducer"):  # the logger holds the reducer too
-            if hasattr(model, name):
-                delattr(model, name)
+    release_ddp(model)
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def release_ddp(model: torch.nn.Module | None) -> None:
+    """Drop a DDP model's reducer (and the logger that holds it too), its reference to the process group; a no-op
+    for any other model. The model cannot train after this. See shutdown() for why."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        for name in ("logger", "reducer"):
+            if hasattr(model, name):
+                delattr(model, name)
 
 
 def average_gradients_(grads: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
@@ -125,3 +131,33 @@ def broadcast_module_(module: torch.nn.Module, group: dist.ProcessGroup | None, 
         return
     for t in [*module.parameters(), *module.buffers()]:
         dist.broadcast(t, src, group=group)
+
+
+def sync_batchnorm(model: torch.nn.Module, info: DistInfo, group_size: int = 0, torch_version: bool = False
+                   ) -> torch.nn.Module:
+    """The model with swav_fast.syncbn's SyncBatchNorm (torch's with `torch_version`) over all ranks, or over
+    consecutive groups of `group_size` ranks (the bs4096 recipe's 8). Every rank creates every group, in the same
+    order, as torch.distributed asks."""
+    from swav_fast.syncbn import convert_sync_batchnorm
+
+    group = None
+    if group_size:
+        groups = [dist.new_group(list(range(s, s + group_size))) for s in range(0, info.world_size, group_size)]
+        group = groups[info.rank // group_size]
+    convert = torch.nn.SyncBatchNorm.convert_sync_batchnorm if torch_version else convert_sync_batchnorm
+    return convert(model, group)
+
+
+def wrap_for_step_mode(model: torch.nn.Module, step_mode: str, info: DistInfo
+                       ) -> tuple[torch.nn.Module, dist.ProcessGroup | None]:
+    """(the model to train, grad_group) for a step mode on the ranks of `info`.
+
+    eager: DDP with several ranks (its bucketed all-reduce overlaps backward) and grad_group None; compile and
+    graph: the bare model, its weights broadcast from rank 0 as DDP does when it wraps, and grad_group the group
+    that the step averages the gradients over itself, so that the step stays one graph."""
+    grad_group = info.group if step_mode != "eager" else None
+    if info.world_size > 1 and grad_group is None:
+        device_ids = [info.device.index] if info.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids), None
+    broadcast_module_(model, grad_group)
+    return model, grad_group

@@ -176,6 +176,59 @@ def test_profile_step_reports_a_failing_mode_and_runs_the_others(capsys, tmp_pat
     assert rows["official"]["ms_per_step"] > 0 and rows["official"]["tflops_per_s"] > 0
 
 
+def test_profile_step_under_torchrun_two_ranks(tmp_path):
+    """Two gloo ranks: the steps run as in train.py (DDP, the Sinkhorns over the group), rank 0 alone prints one
+    table with the slowest rank's time and the samples/s of both; each rank holds half the queue."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "p.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "tools/profile_step.py", "--device", "cpu", "--arch", "resnet18", "--batch", "2", "--sizes", "32", "16",
+           "--counts", "2", "2", "--prototypes", "30", "--queue", "8", "--steps", "2", "--warmup", "1", "--modes",
+           "official", "eager", "--sinkhorn-shape", "30", "40", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("host syncs") == 1, proc.stdout  # one table, from rank 0
+    assert "x 2 ranks" in proc.stdout and "queue 8 (4 rows per rank)" in proc.stdout
+    assert "K 30 x B 40 per rank over 2 ranks" in proc.stdout
+    rep = json.loads(out.read_text())
+    assert rep["world_size"] == 2 and "partial" not in rep
+    rows = {r["mode"]: r for r in rep["rows"]}
+    assert set(rows) == {"official", "eager"}
+    assert rows["eager"]["host_syncs_per_step"] == 0 < rows["official"]["host_syncs_per_step"]
+    n_assign, n_iters = 2, 3  # crops_for_assign [0, 1]; 3 Sinkhorn iterations
+    for r in rows.values():
+        assert r["world_size"] == 2
+        assert r["samples_per_s_total"] == pytest.approx(2 * r["samples_per_s"])
+        assert r["samples_per_s"] == pytest.approx(2 / r["ms_per_step"] * 1e3)
+        # each assignment crop's Sinkhorn all-reduces its total and each iteration's row sums; DDP adds its own
+        assert r["collectives_per_step"] > n_assign * (1 + n_iters), r
+    assert rep["sinkhorn"][0]["ms"] > 0
+
+
+def test_profile_step_takes_the_slowest_rank():
+    from tools.profile_step import slowest_rank, slowest_sinkhorn
+
+    def row(ms, mem=None, syncs=0):
+        return {"mode": "eager", "ms_per_step": ms, "ms_min": ms - 1, "samples_per_s": 64 / ms * 1e3,
+                "host_syncs_per_step": syncs, "aten_ops_per_step": 10, "collectives_per_step": 3,
+                "peak_mem_gib": mem, "trials": 5, "device": "cpu"}
+
+    merged = slowest_rank([row(10.0, 2.0, syncs=0), row(12.0, 1.5, syncs=7)], 2)
+    assert merged["ms_per_step"] == 12.0 and merged["ms_min"] == 11.0 and merged["peak_mem_gib"] == 2.0
+    assert merged["host_syncs_per_step"] == 0  # rank 0's counts
+    assert merged["samples_per_s_total"] == pytest.approx(2 * 64 / 12.0 * 1e3)
+    failed = slowest_rank([row(10.0), {"mode": "eager", "error": "RuntimeError: boom", "device": "cpu"}], 2)
+    assert failed["error"] == "rank 1: RuntimeError: boom"
+    sk = slowest_sinkhorn([[{"impl": "reference", "ms": 1.0}, {"impl": "triton", "ms": 0.2}],
+                           [{"impl": "reference", "ms": 1.5}, {"impl": "triton", "error": "X: y"}]])
+    assert sk == [{"impl": "reference", "ms": 1.5}, {"impl": "triton", "error": "X: y"}]
+
+
 def test_step_flops_match_torchvision_resnet18_count():
     """224-px images through resnet18: forward + backward = 3 x forward (grads of inputs and of weights),
     torchvision's published forward count is 1.814 G multiply-adds = 3.63 GFLOP (the head adds < 1 %)."""

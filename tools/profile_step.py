@@ -2,6 +2,7 @@
 
     python tools/profile_step.py --device cuda                      # ResNet-50, 64 images, 2x224 + 6x96
     python tools/profile_step.py --device cpu --arch resnet18 --batch 8 --sizes 64 32 --steps 3
+    torchrun --nproc_per_node=4 tools/profile_step.py   # 4 GPUs: SyncBN, gradient all-reduce, distributed Sinkhorn
 
 For each mode: time per step (CUDA events after warm-up on GPU, wall clock on CPU), samples/s, host syncs per
 step (ops that hand a tensor value to Python, counted by a dispatch mode: on a GPU each one waits for the
@@ -14,6 +15,13 @@ while the step's kernels go out in one graph launch). The graph mode is UNVERIFI
 yet run on one (tools/gpu_suite.sh runs it).
 The official-style step is facebookresearch/swav's loop body: a Python `if` on the queue's last row, apex
 LARC's `if` on two norms per parameter, prototype grads set to None, `loss.item()` every step.
+
+Under torchrun every rank runs the same steps as in train.py: the official-style step with torch's
+SyncBatchNorm (the bs256 recipe's `--sync_bn pytorch`) and DDP; eager with swav_fast's SyncBatchNorm and DDP;
+compile and graph with swav_fast's SyncBatchNorm and the step's own gradient all-reduce; every Sinkhorn over the
+process group (`--no-sync_bn`: plain BatchNorm; SyncBatchNorm only on CUDA, as train.py). `--batch` is per rank
+and `--queue` the global queue length (each rank holds its share, as in training). A step's time is the slowest
+rank's median; samples/s is per GPU and for all of them. Rank 0 prints and writes the JSON.
 """
 
 from __future__ import annotations
@@ -35,7 +43,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from swav_fast.config import Config  # noqa: E402
+from swav_fast.config import Config, trimmed_queue_length  # noqa: E402
+from swav_fast.distributed import (  # noqa: E402
+    DistInfo,
+    init_distributed,
+    release_ddp,
+    shutdown,
+    sync_batchnorm,
+    world_size_from_env,
+    wrap_for_step_mode,
+)
 from swav_fast.loss import swapped_prediction_loss  # noqa: E402
 from swav_fast.model import SwAVModel  # noqa: E402
 from swav_fast.optim import LARS  # noqa: E402
@@ -54,14 +71,17 @@ _INDEX_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts every ATen op dispatched, and the host-sync ones separately."""
+    """Counts every ATen op dispatched, and separately the host-sync ones and the collectives (c10d ops: the
+    Sinkhorn's all-reduces, the step's gradient all-reduce, DDP's bucket all-reduces and buffer broadcasts)."""
 
     def __init__(self):
         super().__init__()
         self.ops: Counter[str] = Counter()
+        self.collectives = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
+        self.collectives += func.namespace == "c10d"
         if name in _INDEX_OPS and len(args) > 1 and any(
                 isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1] or ()):
             name = "index (bool mask)"
@@ -80,15 +100,17 @@ class OpCounter(TorchDispatchMode):
 class OfficialStep:
     """main_swav.py's loop body with apex LARC(SGD), for comparison; same numbers as ours, more host syncs."""
 
-    def __init__(self, model: SwAVModel, cfg: Config, queue: torch.Tensor | None):
-        self.model, self.cfg, self.queue = model, cfg, queue
+    def __init__(self, model: SwAVModel | torch.nn.parallel.DistributedDataParallel, cfg: Config,
+                 queue: torch.Tensor | None, group=None):
+        self.model, self.cfg, self.queue, self.group = model, cfg, queue, group
+        self.bare = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
         self.sgd = torch.optim.SGD(model.parameters(), lr=cfg.base_lr, momentum=cfg.momentum)
         self.use_the_queue = False
 
     def __call__(self, crops: list[torch.Tensor], lr: float, iteration: int, autocast) -> float:
         model, cfg = self.model, self.cfg
         with torch.no_grad():
-            model.prototypes.weight.copy_(F.normalize(model.prototypes.weight, dim=1, p=2))
+            self.bare.prototypes.weight.copy_(F.normalize(self.bare.prototypes.weight, dim=1, p=2))
         with autocast:
             z, scores = model(crops)
         bs = crops[0].shape[0]
@@ -99,15 +121,15 @@ class OfficialStep:
                 if self.queue is not None:
                     if self.use_the_queue or not torch.all(self.queue[i, -1, :] == 0):  # host sync
                         self.use_the_queue = True
-                        out = torch.cat((self.queue[i] @ model.prototypes.weight.t(), out))
+                        out = torch.cat((self.queue[i] @ self.bare.prototypes.weight.t(), out))
                     self.queue[i, bs:] = self.queue[i, :-bs].clone()
                     self.queue[i, :bs] = z[c * bs:(c + 1) * bs].detach()
-                codes.append(sinkhorn(out, cfg.epsilon, cfg.sinkhorn_iterations)[-bs:])
+                codes.append(sinkhorn(out, cfg.epsilon, cfg.sinkhorn_iterations, self.group)[-bs:])
         loss = swapped_prediction_loss(scores, codes, cfg.crops_for_assign, len(crops), cfg.temperature)
         self.sgd.zero_grad()
         loss.backward()
         if iteration < cfg.freeze_prototypes_niters:
-            model.prototypes.weight.grad = None
+            self.bare.prototypes.weight.grad = None
         with torch.no_grad():
             for p in model.parameters():
                 if p.grad is None:
@@ -123,8 +145,9 @@ class OfficialStep:
         return loss.item()  # host sync
 
 
-def synthetic_crops(batch: int, sizes: list[int], counts: list[int], device: torch.device) -> list[torch.Tensor]:
-    g = torch.Generator(device="cpu").manual_seed(0)
+def synthetic_crops(batch: int, sizes: list[int], counts: list[int], device: torch.device,
+                    seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator(device="cpu").manual_seed(seed)
     return [torch.randn(batch, 3, s, s, generator=g).to(device).contiguous(memory_format=torch.channels_last)
             for s, n in zip(sizes, counts, strict=True) for _ in range(n)]
 
@@ -143,59 +166,92 @@ def time_ms(call, on_cuda: bool) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
-def profile(mode: str, cfg: Config, device: torch.device, batch: int, steps: int, warmup: int) -> dict:
+def profile(mode: str, cfg: Config, info: DistInfo, batch: int, steps: int, warmup: int) -> dict:
+    """One mode on this rank: its figures, times as this rank measured them (main() takes the slowest rank's)."""
+    device = info.device
     torch.manual_seed(0)
-    if device.type == "cuda":
+    on_cuda = device.type == "cuda"
+    if on_cuda:
         # A graph replay allocates nothing (its private pool was filled at capture): its peak is taken over the
         # whole run, warm-up and capture included; the other modes' peak over the timed steps, as before.
         torch.cuda.reset_peak_memory_stats()
-    model = SwAVModel(cfg.arch, cfg.hidden_mlp, cfg.feat_dim, cfg.nmb_prototypes).to(device)
-    on_cuda = device.type == "cuda"
+    model = SwAVModel(cfg.arch, cfg.hidden_mlp, cfg.feat_dim, cfg.nmb_prototypes)
+    if info.world_size > 1 and cfg.sync_bn and on_cuda:  # as train.py: SyncBatchNorm needs CUDA
+        model = sync_batchnorm(model, info, cfg.sync_bn_group_size, torch_version=mode == "official")
+    model = model.to(device)
     if on_cuda:
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True  # as train.py and the official main_swav.py
-    crops = synthetic_crops(batch, cfg.size_crops, cfg.nmb_crops, device)
+    crops = synthetic_crops(batch, cfg.size_crops, cfg.nmb_crops, device, seed=info.rank)
     if not on_cuda:
         crops = [c.contiguous() for c in crops]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
-    # a full queue, so the queue path (the larger Sinkhorn) is what gets timed
+    # a full queue, so the queue path (the larger Sinkhorn) is what gets timed; each rank holds its share
     queue = None
-    if cfg.queue_length:
-        queue = EmbeddingQueue(len(cfg.crops_for_assign), cfg.queue_length, cfg.feat_dim, batch, device)
+    rows_per_rank = trimmed_queue_length(cfg, info.world_size) // info.world_size
+    if rows_per_rank:
+        queue = EmbeddingQueue(len(cfg.crops_for_assign), rows_per_rank, cfg.feat_dim, batch, device)
         queue.buffer.copy_(F.normalize(torch.randn_like(queue.buffer), dim=-1))
-        queue.n_pushed = cfg.queue_length // batch
+        queue.n_pushed = rows_per_rank // batch
+    core = None
     if mode == "official":
-        official = OfficialStep(model, cfg, None if queue is None else queue.buffer)
+        if info.world_size > 1:
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None)
+        official = OfficialStep(model, cfg, None if queue is None else queue.buffer, info.group)
         run = lambda it: official(crops, 0.1, it, autocast)  # noqa: E731
     else:
+        model, grad_group = wrap_for_step_mode(model, mode, info)
         optimizer = LARS(model.parameters(), lr=0.1, momentum=cfg.momentum, weight_decay=cfg.wd,
                          trust_coefficient=cfg.lars_trust)
         core = compiled_step_core() if mode == "compile" else GraphStep() if mode == "graph" else None
-        run = lambda it: train_step(model, optimizer, crops, 0.1, it, cfg, queue, None, autocast, core)  # noqa: E731
+        run = lambda it: train_step(model, optimizer, crops, 0.1, it, cfg, queue, info.group, autocast,  # noqa: E731
+                                    core, grad_group)
         if mode == "graph":  # its own warm-up steps, then the capture: the counted and timed steps are replays
             warmup = max(warmup, core.warmup + 1)
-    # iterations past the freeze window: the steady state
-    it0 = cfg.freeze_prototypes_niters
-    for i in range(warmup):
-        run(it0 + i)
-    counter = None
-    if mode != "compile":  # a Python dispatch mode cannot run inside a compiled graph; the compiled step is the
-        counter = OpCounter()  # same ops as eager, fused, and fullgraph=True already proves it has no host sync
-        with counter:
-            run(it0 + warmup)
-    times = []
-    if on_cuda:
-        torch.cuda.synchronize()
-        if mode != "graph":
-            torch.cuda.reset_peak_memory_stats()
-    for i in range(steps):
-        times.append(time_ms(lambda i=i: run(it0 + warmup + 1 + i), on_cuda))
+    try:
+        # iterations past the freeze window: the steady state
+        it0 = cfg.freeze_prototypes_niters
+        for i in range(warmup):
+            run(it0 + i)
+        counter = None
+        if mode != "compile":  # a Python dispatch mode cannot run inside a compiled graph; the compiled step is the
+            counter = OpCounter()  # same ops as eager, fused, and fullgraph=True already proves it has no host sync
+            with counter:
+                run(it0 + warmup)
+        times = []
+        if on_cuda:
+            torch.cuda.synchronize()
+            if mode != "graph":
+                torch.cuda.reset_peak_memory_stats()
+        for i in range(steps):
+            times.append(time_ms(lambda i=i: run(it0 + warmup + 1 + i), on_cuda))
+    finally:
+        if mode == "graph":
+            core.close()  # frees the graph, and any collectives captured in it, before the group goes
+        release_ddp(model)
     ms = statistics.median(times)
     return {"mode": mode, "ms_per_step": ms, "ms_min": min(times), "samples_per_s": batch / ms * 1e3,
             "host_syncs_per_step": counter.syncs if counter else None,
             "aten_ops_per_step": counter.total if counter else None,
+            "collectives_per_step": counter.collectives if counter else None,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None,
             "trials": steps, "device": torch.cuda.get_device_name() if on_cuda else "cpu"}
+
+
+def slowest_rank(per_rank: list[dict], world_size: int) -> dict:
+    """One row from every rank's row of a mode: the slowest rank's step time (the others wait for it at the
+    collectives), the largest peak memory, rank 0's counts; samples/s per GPU and, for all ranks, in total."""
+    if any("error" in r for r in per_rank):
+        return next(r | {"error": f"rank {i}: {r['error']}"} if world_size > 1 else r
+                    for i, r in enumerate(per_rank) if "error" in r)
+    row = dict(max(per_rank, key=lambda r: r["ms_per_step"]))
+    row.update({k: per_rank[0][k] for k in ("host_syncs_per_step", "aten_ops_per_step", "collectives_per_step")})
+    if row["peak_mem_gib"] is not None:
+        row["peak_mem_gib"] = max(r["peak_mem_gib"] for r in per_rank)
+    row["ms_min"] = max(r["ms_min"] for r in per_rank)
+    row["world_size"] = world_size
+    row["samples_per_s_total"] = row["samples_per_s"] * world_size
+    return row
 
 
 # Dense bf16 tensor-core peaks (vendor figures, no sparsity) for the MFU estimate, by a substring of the device name.
@@ -227,10 +283,12 @@ def failure(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e)[:500]}"
 
 
-def time_sinkhorn(device: torch.device, k: int, b: int, eps: float, n_iters: int, reps: int) -> list[dict]:
+def time_sinkhorn(device: torch.device, k: int, b: int, eps: float, n_iters: int, reps: int,
+                  group: torch.distributed.ProcessGroup | None = None) -> list[dict]:
     """Sinkhorn alone on [b, k] scores: the reference (a chain of torch ops) and, on CUDA, the fused Triton kernel;
     on CUDA each also replayed from a captured CUDA graph (the device time without the host's launch cost, which
-    at ~0.1 ms is a large part of an eager call; in --step_mode graph the step replays it so)."""
+    at ~0.1 ms is a large part of an eager call; in --step_mode graph the step replays it so). With a group, the
+    distributed variant on every rank (b rows each, all-reduced sums)."""
     from swav_fast.step import sinkhorn_function
 
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -242,8 +300,9 @@ def time_sinkhorn(device: torch.device, k: int, b: int, eps: float, n_iters: int
         fn = sinkhorn_function(impl)
         try:
             for _ in range(3):
-                fn(scores, eps, n_iters)
-            times = [time_ms(lambda fn=fn: fn(scores, eps, n_iters), device.type == "cuda") for _ in range(reps)]
+                fn(scores, eps, n_iters, group)
+            times = [time_ms(lambda fn=fn: fn(scores, eps, n_iters, group), device.type == "cuda")
+                     for _ in range(reps)]
         except Exception as e:  # noqa: BLE001  (reported; the other figures stand)
             out.append({"impl": impl, "k": k, "b": b, "error": failure(e)})
             continue
@@ -252,8 +311,9 @@ def time_sinkhorn(device: torch.device, k: int, b: int, eps: float, n_iters: int
             try:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
-                    fn(scores, eps, n_iters)
+                    fn(scores, eps, n_iters, group)
                 times = [time_ms(graph.replay, True) for _ in range(reps)]
+                del graph  # before the group goes (pytorch/pytorch#115388)
             except Exception as e:  # noqa: BLE001
                 out.append({"impl": f"{impl} (CUDA graph)", "k": k, "b": b,
                             "error": failure(e)})
@@ -261,6 +321,27 @@ def time_sinkhorn(device: torch.device, k: int, b: int, eps: float, n_iters: int
             out.append({"impl": f"{impl} (CUDA graph)", "k": k, "b": b, "ms": statistics.median(times),
                         "ms_min": min(times)})
     return out
+
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def gather(obj, info: DistInfo) -> list:
+    """Every rank's `obj`, on every rank (through the host-side control group)."""
+    if info.world_size == 1:
+        return [obj]
+    out = [None] * info.world_size
+    torch.distributed.all_gather_object(out, obj, group=info.control)
+    return out
+
+
+def slowest_sinkhorn(per_rank: list[list[dict]]) -> list[dict]:
+    """Sinkhorn-alone rows from every rank: the slowest rank's time per implementation, or the first error."""
+    rows = []
+    for same in zip(*per_rank, strict=True):
+        failed = [r for r in same if "error" in r]
+        rows.append(failed[0] if failed else max(same, key=lambda r: r["ms"]))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[224, 96])
     p.add_argument("--counts", type=int, nargs="+", default=[2, 6])
     p.add_argument("--prototypes", type=int, default=3000)
-    p.add_argument("--queue", type=int, default=3840, help="queue rows (0: none)")
+    p.add_argument("--queue", type=int, default=3840,
+                   help="queue rows over all ranks, as --queue_length of train.py (0: none)")
     p.add_argument("--modes", nargs="+", default=None, choices=("official", "eager", "compile", "graph"),
                    help="default: all of them (graph only on CUDA)")
     p.add_argument("--steps", type=int, default=20)
@@ -280,7 +362,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="Sinkhorn of our modes (default: triton on CUDA, reference on CPU); the official-style step "
                         "always runs the unfused reference")
     p.add_argument("--sinkhorn-shape", type=int, nargs=2, default=[3000, 3904], metavar=("K", "B"),
-                   help="Sinkhorn alone is timed on B x K scores (default: K 3000, 3840 queue rows + 64)")
+                   help="Sinkhorn alone is timed on B x K scores per rank (default: K 3000, 3840 queue rows + 64)")
+    p.add_argument("--sync_bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="under torchrun on CUDA: SyncBatchNorm, as the recipes (default); --no-sync_bn: plain BN")
+    p.add_argument("--sync_bn_group_size", type=int, default=0,
+                   help="ranks per SyncBatchNorm group (0: all ranks; the bs4096 recipe uses 8)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -290,46 +376,81 @@ def main(argv: list[str] | None = None) -> int:
         args.modes = ["official", "eager"] + (["graph"] if args.device == "cuda" else []) + ["compile"]
     if "graph" in args.modes and args.device != "cuda":
         p.error("--modes graph captures a CUDA graph and needs --device cuda")
+    world = world_size_from_env()
+    if args.sync_bn_group_size < 0 or (args.sync_bn_group_size and world % args.sync_bn_group_size):
+        p.error(f"--sync_bn_group_size {args.sync_bn_group_size} must be 0 or divide the number of ranks ({world})")
     cfg = Config(arch=args.arch, nmb_crops=args.counts, size_crops=args.sizes, nmb_prototypes=args.prototypes,
                  min_scale_crops=[0.5] * len(args.sizes), max_scale_crops=[1.0] * len(args.sizes),
                  queue_length=args.queue, batch_size=args.batch, freeze_prototypes_niters=0,
-                 sinkhorn_impl=args.sinkhorn_impl or ("triton" if args.device == "cuda" else "reference"))
+                 sinkhorn_impl=args.sinkhorn_impl or ("triton" if args.device == "cuda" else "reference"),
+                 sync_bn=args.sync_bn, sync_bn_group_size=args.sync_bn_group_size)
     if cfg.sinkhorn_impl == "triton" and args.device != "cuda":
         p.error("--sinkhorn_impl triton needs --device cuda")
-    device = torch.device(args.device)
+    try:
+        info = init_distributed(args.device)
+    except RuntimeError as e:
+        p.error(str(e))
+    try:
+        return run(args, cfg, info)
+    finally:
+        shutdown()
+
+
+def run(args: argparse.Namespace, cfg: Config, info: DistInfo) -> int:
+    device, world = info.device, info.world_size
+    say = (lambda msg: print(msg, file=sys.stderr)) if info.is_main else (lambda msg: None)  # noqa: E731
+    queue_rows = trimmed_queue_length(cfg, world)
     rows = []
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     for mode in args.modes:  # a mode that fails is reported and the others still run (one GPU session, all figures)
-        print(f"profiling {mode} ...", file=sys.stderr)
+        say(f"profiling {mode} ...")
         try:
-            rows.append(profile(mode, copy.deepcopy(cfg), device, args.batch, args.steps, args.warmup))
+            rows.append(profile(mode, copy.deepcopy(cfg), info, args.batch, args.steps, args.warmup))
         except Exception as e:  # noqa: BLE001
-            print(f"{mode} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            print(f"{mode} failed" + (f" on rank {info.rank}" if world > 1 else "") + f": {type(e).__name__}: {e}",
+                  file=sys.stderr)
             rows.append({"mode": mode, "error": failure(e), "device": device_name})
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
-        if args.json:  # the rows so far, in case a later mode is cut off by a time limit
-            args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows,
-                                             "partial": True}, indent=1))
-    print("counting FLOPs ...", file=sys.stderr)
+        if args.json and info.is_main:  # the rows so far (rank 0's), in case a later mode is cut off by a time limit
+            args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "world_size": world,
+                                             "rows": rows, "partial": True}, indent=1))
+    say("timing Sinkhorn alone ...")
+    sk = time_sinkhorn(device, *args.sinkhorn_shape, cfg.epsilon, cfg.sinkhorn_iterations, max(args.steps, 10),
+                       info.group)
+    per_rank = gather((rows, sk), info)
+    rows = [slowest_rank([r[0][i] for r in per_rank], world) for i in range(len(rows))]
+    sk = slowest_sinkhorn([r[1] for r in per_rank])
+    ok = [r for r in rows if "error" not in r]
+    status = 0 if all("ms" in x for x in sk) and all(math.isfinite(r["ms_per_step"]) for r in ok) \
+        and len(ok) == len(rows) else 1
+    if not info.is_main:
+        return status
+    say("counting FLOPs ...")
     try:
         flops = step_flops(cfg, device, args.batch)
     except Exception as e:  # noqa: BLE001 - e.g. out of memory: the timings stand without TFLOP/s and MFU
-        print(f"counting FLOPs failed: {type(e).__name__}: {e}", file=sys.stderr)
+        say(f"counting FLOPs failed: {type(e).__name__}: {e}")
         flops = None
     peak = peak_flops(device_name) if device.type == "cuda" else None
-    ok = [r for r in rows if "error" not in r]
     for r in ok:
         r["tflops_per_s"] = flops / (r["ms_per_step"] / 1e3) / 1e12 if flops else None
         r["mfu"] = r["tflops_per_s"] * 1e12 / peak if peak and flops else None
-    print("timing Sinkhorn alone ...", file=sys.stderr)
-    sk = time_sinkhorn(device, *args.sinkhorn_shape, cfg.epsilon, cfg.sinkhorn_iterations, max(args.steps, 10))
-    header = (f"{'mode':<10}{'ms/step':>10}{'samples/s':>11}{'host syncs':>12}{'ATen ops':>10}{'peak GiB':>10}"
-              f"{'TFLOP/s':>9}{'MFU':>7}")
-    print(f"# {device_name}, {args.arch}, {args.batch} images x {args.counts} crops of {args.sizes}, "
-          f"K {args.prototypes}, queue {args.queue}, Sinkhorn {cfg.sinkhorn_impl} (official-style: reference); "
-          f"median of {args.steps} steps after {args.warmup} warm-up; "
+    many = world > 1
+    header = (f"{'mode':<10}{'ms/step':>10}{'samples/s':>11}" + (f"{'all GPUs':>10}" if many else "")
+              + f"{'host syncs':>12}{'ATen ops':>10}" + (f"{'c10d ops':>10}" if many else "")
+              + f"{'peak GiB':>10}{'TFLOP/s':>9}{'MFU':>7}")
+    sync_bn = "none" if not many else (
+        ("global" if not cfg.sync_bn_group_size else f"groups of {cfg.sync_bn_group_size}")
+        if cfg.sync_bn and device.type == "cuda" else "none (plain BN)")
+    print(f"# {device_name}" + (f" x {world} ranks (SyncBN {sync_bn}; samples/s and TFLOP/s per GPU, ms/step of the "
+                                "slowest rank)" if many else "")
+          + f", {args.arch}, {args.batch} images" + (" per rank" if many else "")
+          + f" x {args.counts} crops of {args.sizes}, K {args.prototypes}, queue {queue_rows}"
+          + (f" ({queue_rows // world} rows per rank)" if many else "")
+          + f", Sinkhorn {cfg.sinkhorn_impl} (official-style: reference); median of {args.steps} steps after "
+          f"{args.warmup} warm-up; "
           + (f"{flops / 1e9:.1f} GFLOP per step (fwd+bwd)" if flops else "FLOPs not counted"))
     print(header)
     for r in rows:
@@ -337,18 +458,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['mode']:<10}FAILED: {r['error']}")
             continue
         mem = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "-"
-        syncs, ops = (("-" if r[k] is None else r[k]) for k in ("host_syncs_per_step", "aten_ops_per_step"))
+        syncs, ops, coll = (("-" if r[k] is None else r[k])
+                            for k in ("host_syncs_per_step", "aten_ops_per_step", "collectives_per_step"))
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        print(f"{r['mode']:<10}{r['ms_per_step']:>10.2f}{r['samples_per_s']:>11.1f}{syncs:>12}{ops:>10}{mem:>10}"
+        print(f"{r['mode']:<10}{r['ms_per_step']:>10.2f}{r['samples_per_s']:>11.1f}"
+              + (f"{r['samples_per_s_total']:>10.1f}" if many else "") + f"{syncs:>12}{ops:>10}"
+              + (f"{coll:>10}" if many else "") + f"{mem:>10}"
               + (f"{r['tflops_per_s']:>9.2f}" if r["tflops_per_s"] is not None else f"{'-':>9}") + f"{mfu:>7}")
-    print(f"# Sinkhorn alone, K {args.sinkhorn_shape[0]} x B {args.sinkhorn_shape[1]}, {cfg.sinkhorn_iterations} "
-          "iterations: " + ", ".join(f"{s['impl']} " + (f"{s['ms']:.3f} ms" if "ms" in s else f"FAILED ({s['error']})")
-                                     for s in sk))
+    print(f"# Sinkhorn alone, K {args.sinkhorn_shape[0]} x B {args.sinkhorn_shape[1]}"
+          + (f" per rank over {world} ranks" if many else "") + f", {cfg.sinkhorn_iterations} iterations: "
+          + ", ".join(f"{s['impl']} " + (f"{s['ms']:.3f} ms" if "ms" in s else f"FAILED ({s['error']})") for s in sk))
+    if ok and args.arch == "resnet50" and args.sizes[0] == 224:  # the ImageNet recipes' model and crops
+        best = max(ok, key=lambda r: r["samples_per_s_total"])
+        minutes = IMAGENET_TRAIN_IMAGES / best["samples_per_s_total"] / 60
+        print(f"# at the {best['mode']} rate, the step alone (no data loading) would take {minutes:.1f} min per "
+              f"ImageNet-1k epoch ({IMAGENET_TRAIN_IMAGES:,} images) on {world} {'GPUs' if many else 'device'}, "
+              f"{minutes * 200 / 60:.1f} h for 200 epochs")
     if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows,
-                                         "flops_per_step": flops, "peak_flops": peak, "sinkhorn": sk}, indent=1))
-    return 0 if all("ms" in x for x in sk) and all(math.isfinite(r["ms_per_step"]) for r in rows if "error" not in r) \
-        and len(ok) == len(rows) else 1
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "world_size": world,
+                                         "rows": rows, "flops_per_step": flops, "peak_flops": peak, "sinkhorn": sk},
+                                        indent=1))
+    return status
 
 
 if __name__ == "__main__":
