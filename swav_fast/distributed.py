@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -154,10 +155,26 @@ def wrap_for_step_mode(model: torch.nn.Module, step_mode: str, info: DistInfo
 
     eager: DDP with several ranks (its bucketed all-reduce overlaps backward) and grad_group None; compile and
     graph: the bare model, its weights broadcast from rank 0 as DDP does when it wraps, and grad_group the group
-    that the step averages the gradients over itself, so that the step stays one graph."""
+    that the step averages the gradients over itself, so that the step stays one graph.
+
+    Two DDP defaults are changed; both leave every number the official run produces as it is (tested bit-equal
+    on 2 ranks) and only drop work:
+    - the gradients are views into DDP's buckets (gradient_as_bucket_view): backward accumulates straight into
+      the buckets that are all-reduced, instead of each gradient being copied into its bucket and the average
+      copied back (a copy per parameter and step, and a second copy of the gradients in memory). It relies on
+      the gradients never being replaced, only zeroed in place, which is what the step does;
+    - the BatchNorm buffers are not broadcast from rank 0 before every forward (forward_sync_buffers, or
+      broadcast_buffers before torch 2.14: about 3 copies per buffer and a few collectives per step). Running
+      statistics are not used by a training forward, rank 0's own are the same either way, and rank 0's are
+      what a checkpoint and the exported trunk hold (with SyncBatchNorm every rank's are the same anyway).
+      The other ranks' are their own, as in compile and graph modes.
+    """
     grad_group = info.group if step_mode != "eager" else None
     if info.world_size > 1 and grad_group is None:
+        ddp = torch.nn.parallel.DistributedDataParallel
+        sync_buffers = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                        else "broadcast_buffers")
         device_ids = [info.device.index] if info.device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids), None
+        return ddp(model, device_ids=device_ids, gradient_as_bucket_view=True, **{sync_buffers: False}), None
     broadcast_module_(model, grad_group)
     return model, grad_group
