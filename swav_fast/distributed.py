@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 
 @dataclass(frozen=True)
@@ -157,12 +158,14 @@ def wrap_for_step_mode(model: torch.nn.Module, step_mode: str, info: DistInfo
     graph: the bare model, its weights broadcast from rank 0 as DDP does when it wraps, and grad_group the group
     that the step averages the gradients over itself, so that the step stays one graph.
 
-    Two DDP defaults are changed; both leave every number the official run produces as it is (tested bit-equal
-    on 2 ranks) and only drop work:
+    Three DDP defaults are changed; they leave every number the official run produces as it is (tested
+    bit-equal on 2 ranks) and only drop work:
     - the gradients are views into DDP's buckets (gradient_as_bucket_view): backward accumulates straight into
       the buckets that are all-reduced, instead of each gradient being copied into its bucket and the average
       copied back (a copy per parameter and step, and a second copy of the gradients in memory). It relies on
       the gradients never being replaced, only zeroed in place, which is what the step does;
+    - each bucket is divided by the world size in one op before its all-reduce (torch's allreduce_hook) instead
+      of each gradient in its own (the same division of the same values);
     - the BatchNorm buffers are not broadcast from rank 0 before every forward (forward_sync_buffers, or
       broadcast_buffers before torch 2.14: about 3 copies per buffer and a few collectives per step). Running
       statistics are not used by a training forward, rank 0's own are the same either way, and rank 0's are
@@ -175,6 +178,8 @@ def wrap_for_step_mode(model: torch.nn.Module, step_mode: str, info: DistInfo
         sync_buffers = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
                         else "broadcast_buffers")
         device_ids = [info.device.index] if info.device.type == "cuda" else None
-        return ddp(model, device_ids=device_ids, gradient_as_bucket_view=True, **{sync_buffers: False}), None
+        wrapped = ddp(model, device_ids=device_ids, gradient_as_bucket_view=True, **{sync_buffers: False})
+        wrapped.register_comm_hook(None, default_hooks.allreduce_hook)
+        return wrapped, None
     broadcast_module_(model, grad_group)
     return model, grad_group
