@@ -34,7 +34,7 @@ from swav_fast.distributed import (
     agree_any,
     init_distributed,
     shutdown,
-    sync_batchnorm,
+    syncbn_group,
     world_size_from_env,
     wrap_for_step_mode,
 )
@@ -43,6 +43,7 @@ from swav_fast.model import SwAVModel
 from swav_fast.optim import LARS, lr_schedule
 from swav_fast.queue import EmbeddingQueue, redistribute
 from swav_fast.step import GraphStep, compiled_step_core, train_step
+from swav_fast.syncbn import convert_sync_batchnorm
 
 
 def git_revision() -> str:
@@ -145,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     model = SwAVModel(cfg.arch, cfg.hidden_mlp, cfg.feat_dim, cfg.nmb_prototypes)
     if info.world_size > 1 and cfg.sync_bn:
         if on_cuda:
-            model = sync_batchnorm(model, info, cfg.sync_bn_group_size)  # swav_fast.syncbn: no host sync per layer
+            # swav_fast.syncbn: no host sync per layer
+            model = convert_sync_batchnorm(model, syncbn_group(info, cfg.sync_bn_group_size))
         else:
             log("note: SyncBatchNorm needs CUDA; on CPU every rank normalises with its own batch statistics "
                 "(plain BatchNorm)")

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 
 @dataclass(frozen=True)
@@ -135,19 +134,23 @@ def broadcast_module_(module: torch.nn.Module, group: dist.ProcessGroup | None, 
         dist.broadcast(t, src, group=group)
 
 
-def sync_batchnorm(model: torch.nn.Module, info: DistInfo, group_size: int = 0, torch_version: bool = False
-                   ) -> torch.nn.Module:
-    """The model with swav_fast.syncbn's SyncBatchNorm (torch's with `torch_version`) over all ranks, or over
-    consecutive groups of `group_size` ranks (the bs4096 recipe's 8). Every rank creates every group, in the same
-    order, as torch.distributed asks."""
-    from swav_fast.syncbn import convert_sync_batchnorm
+def syncbn_group(info: DistInfo, group_size: int = 0) -> dist.ProcessGroup | None:
+    """The process group of this rank's SyncBatchNorm: None (all ranks) for group_size 0, else its group of
+    `group_size` consecutive ranks (the bs4096 recipe's 8). Every rank creates every group, in the same order, as
+    torch.distributed asks; call it once per run (each call makes new communicators)."""
+    if not group_size:
+        return None
+    groups = [dist.new_group(list(range(s, s + group_size))) for s in range(0, info.world_size, group_size)]
+    return groups[info.rank // group_size]
 
-    group = None
-    if group_size:
-        groups = [dist.new_group(list(range(s, s + group_size))) for s in range(0, info.world_size, group_size)]
-        group = groups[info.rank // group_size]
-    convert = torch.nn.SyncBatchNorm.convert_sync_batchnorm if torch_version else convert_sync_batchnorm
-    return convert(model, group)
+
+def _average_bucket(group, bucket):  # no annotations: DDP compares them to its classes, and here they are strings
+    """DDP communication hook: the bucket (a dist.GradBucket) times 1 / world size, summed over the ranks of
+    `group` (None: all), in place. DDP's arithmetic without a hook (it multiplies each gradient by 1 / world size
+    on its way into the bucket), once per bucket. Returns the future of the averaged bucket."""
+    buffer = bucket.buffer()
+    buffer.mul_(1.0 / dist.get_world_size(group))
+    return dist.all_reduce(buffer, group=group, async_op=True).get_future().then(lambda fut: fut.value()[0])
 
 
 def wrap_for_step_mode(model: torch.nn.Module, step_mode: str, info: DistInfo
@@ -159,17 +162,18 @@ def wrap_for_step_mode(model: torch.nn.Module, step_mode: str, info: DistInfo
     that the step averages the gradients over itself, so that the step stays one graph.
 
     Three DDP defaults are changed; they leave every number the official run produces as it is (tested
-    bit-equal on 2 ranks) and only drop work:
+    bit-equal on 2 and 3 ranks) and only drop work:
     - the gradients are views into DDP's buckets (gradient_as_bucket_view): backward accumulates straight into
       the buckets that are all-reduced, instead of each gradient being copied into its bucket and the average
       copied back (a copy per parameter and step, and a second copy of the gradients in memory). It relies on
       the gradients never being replaced, only zeroed in place, which is what the step does;
-    - each bucket is divided by the world size in one op before its all-reduce (torch's allreduce_hook) instead
-      of each gradient in its own (the same division of the same values);
+    - each bucket is multiplied by 1 / world size in one op before its all-reduce (`_average_bucket`) instead of
+      each gradient as it is copied into its bucket (the same product of the same values; torch's allreduce_hook
+      divides instead, which rounds differently when the world size is not a power of two);
     - the BatchNorm buffers are not broadcast from rank 0 before every forward (forward_sync_buffers, or
       broadcast_buffers before torch 2.14: about 3 copies per buffer and a few collectives per step). Running
       statistics are not used by a training forward, rank 0's own are the same either way, and rank 0's are
-      what a checkpoint and the exported trunk hold (with SyncBatchNorm every rank's are the same anyway).
+      what a checkpoint and the exported trunk hold (with SyncBatchNorm every rank of a group has the same).
       The other ranks' are their own, as in compile and graph modes.
     """
     grad_group = info.group if step_mode != "eager" else None
@@ -179,7 +183,7 @@ def wrap_for_step_mode(model: torch.nn.Module, step_mode: str, info: DistInfo
                         else "broadcast_buffers")
         device_ids = [info.device.index] if info.device.type == "cuda" else None
         wrapped = ddp(model, device_ids=device_ids, gradient_as_bucket_view=True, **{sync_buffers: False})
-        wrapped.register_comm_hook(None, default_hooks.allreduce_hook)
+        wrapped.register_comm_hook(None, _average_bucket)
         return wrapped, None
     broadcast_module_(model, grad_group)
     return model, grad_group

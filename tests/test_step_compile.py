@@ -210,6 +210,48 @@ def test_profile_step_under_torchrun_two_ranks(tmp_path):
     assert rep["sinkhorn"][0]["ms"] > 0
 
 
+_FAIL_ON_RANK_1 = r'''
+import os, sys
+sys.path.insert(0, "tools")
+import profile_step
+calls = []
+real = profile_step.train_step
+
+
+def train_step(*args, **kwargs):  # the eager mode's third step raises on rank 1 only, after the others' first ones
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 3:
+        raise RuntimeError("out of memory, say")
+    return real(*args, **kwargs)
+
+
+profile_step.train_step = train_step
+sys.exit(profile_step.main(sys.argv[1:]))
+'''
+
+
+def test_profile_step_under_torchrun_stops_every_rank_when_one_fails(tmp_path):
+    """A mode failing on one rank only (rank 0 waits in that step's collectives): every rank stops, rank 0's JSON
+    keeps the modes before it, instead of the ranks waiting for each other until NCCL's timeout."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script, out = tmp_path / "fail_on_rank_1.py", tmp_path / "p.json"
+    script.write_text(_FAIL_ON_RANK_1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           "--device", "cpu", "--arch", "resnet18", "--batch", "2", "--sizes", "32", "16", "--counts", "2", "2",
+           "--prototypes", "30", "--queue", "8", "--steps", "2", "--warmup", "1", "--modes", "official", "eager",
+           "--sinkhorn-shape", "30", "40", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert "eager failed on rank 1: RuntimeError: out of memory, say; stopping every rank" in proc.stderr
+    rep = json.loads(out.read_text())
+    assert rep["partial"] and [r["mode"] for r in rep["rows"]] == ["official"]
+
+
 def test_profile_step_takes_the_slowest_rank():
     from tools.profile_step import slowest_rank, slowest_sinkhorn
 

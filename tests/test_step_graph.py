@@ -216,10 +216,10 @@ def _rank_worker(rank: int, world: int, port: int, backend: str, variants: list[
         dist.destroy_process_group()
 
 
-def _two_ranks(tmp_path, backend: str, variants: list[str]) -> list[dict]:
+def _two_ranks(tmp_path, backend: str, variants: list[str], world: int = 2) -> list[dict]:
     out = str(tmp_path / "res")
-    mp.spawn(_rank_worker, args=(2, free_port(), backend, variants, out), nprocs=2, join=True)
-    return [torch.load(f"{out}.{r}") for r in range(2)]
+    mp.spawn(_rank_worker, args=(world, free_port(), backend, variants, out), nprocs=world, join=True)
+    return [torch.load(f"{out}.{r}") for r in range(world)]
 
 
 def _max_rel(a: dict, b: dict) -> float:
@@ -259,6 +259,14 @@ def test_two_gloo_ranks_step_all_reduce_equals_ddp(tmp_path):
     assert all(torch.equal(after0[k], before0[k]) and torch.equal(after1[k], before0[k]) for k in before0)
     assert not torch.equal(before1["0.weight"], before0["0.weight"])
     assert not torch.equal(before1["1.running_mean"], before0["1.running_mean"])
+
+
+def test_three_gloo_ranks_train_py_ddp_settings_equal_ddp_defaults(tmp_path):
+    """train.py's DDP settings (gradients as bucket views, one product by 1/3 per bucket, no buffer broadcast)
+    against DDP's defaults at a world size that is not a power of two, where dividing instead of multiplying by
+    the reciprocal would round differently."""
+    results = _two_ranks(tmp_path, "gloo", ["ddp", "ddp_copies"], world=3)
+    _check_against_ddp(results, ["ddp_copies"], tol=0.0)
 
 
 # ----------------------------------------------------------------------------- CUDA: real capture and replay

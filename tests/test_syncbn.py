@@ -63,14 +63,13 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
                              "running_mean": bn.running_mean, "running_var": bn.running_var,
                              "syncs": counter.syncs, "sync_ops": {k: v for k, v in counter.ops.items()
                                                                   if k in ("index (bool mask)", "nonzero")}}
-        # swav_fast.distributed.sync_batchnorm (train.py, profile_step): groups of 1 rank; torch's layer on request
-        from swav_fast.distributed import DistInfo, sync_batchnorm
+        # swav_fast.distributed.syncbn_group (train.py, profile_step): groups of 1 rank, or all ranks (None)
+        from swav_fast.distributed import DistInfo, syncbn_group
 
         info = DistInfo(rank, world, rank, torch.device("cpu"))
-        grouped = sync_batchnorm(nn.Sequential(nn.BatchNorm2d(3)), info, group_size=1)[0]
+        grouped = convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(3)), syncbn_group(info, 1))[0]
         results["grouped"] = (type(grouped).__module__, dist.get_process_group_ranks(grouped.process_group))
-        whole = sync_batchnorm(nn.Sequential(nn.BatchNorm2d(3)), info, torch_version=True)[0]
-        results["torch_layer"] = (type(whole) is nn.SyncBatchNorm, whole.process_group)
+        results["whole"] = syncbn_group(info, 0)
         torch.save(results, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -104,10 +103,10 @@ def test_equals_one_batchnorm_over_both_ranks_batches(two_ranks):
         torch.testing.assert_close(two_ranks[0]["ours"][key] + two_ranks[1]["ours"][key], ref, rtol=1e-4, atol=1e-4)
 
 
-def test_sync_batchnorm_groups_and_torchs_layer(two_ranks):
+def test_syncbn_groups(two_ranks):
     for rank, res in enumerate(two_ranks):
         assert res["grouped"] == ("swav_fast.syncbn", [rank])  # swav_fast's layer, a group of its own rank
-        assert res["torch_layer"] == (True, None)  # torch's layer over all ranks
+        assert res["whole"] is None  # group size 0: all ranks
 
 
 def test_no_host_sync_where_torchs_function_has_its_mask(two_ranks):

@@ -21,7 +21,8 @@ SyncBatchNorm (the bs256 recipe's `--sync_bn pytorch`) and DDP; eager with swav_
 compile and graph with swav_fast's SyncBatchNorm and the step's own gradient all-reduce; every Sinkhorn over the
 process group (`--no-sync_bn`: plain BatchNorm; SyncBatchNorm only on CUDA, as train.py). `--batch` is per rank
 and `--queue` the global queue length (each rank holds its share, as in training). A step's time is the slowest
-rank's median; samples/s is per GPU and for all of them. Rank 0 prints and writes the JSON.
+rank's median; samples/s is per GPU and for all of them. Rank 0 prints and writes the JSON. A mode that fails
+on one rank stops every rank (with one process the other modes still run and the failure is a row).
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ import contextlib
 import copy
 import json
 import math
+import os
 import statistics
 import sys
 import time
+import traceback
 from collections import Counter
 from pathlib import Path
 
@@ -49,7 +52,7 @@ from swav_fast.distributed import (  # noqa: E402
     init_distributed,
     release_ddp,
     shutdown,
-    sync_batchnorm,
+    syncbn_group,
     world_size_from_env,
     wrap_for_step_mode,
 )
@@ -59,6 +62,7 @@ from swav_fast.optim import LARS  # noqa: E402
 from swav_fast.queue import EmbeddingQueue  # noqa: E402
 from swav_fast.sinkhorn import sinkhorn  # noqa: E402
 from swav_fast.step import GraphStep, compiled_step_core, train_step  # noqa: E402
+from swav_fast.syncbn import convert_sync_batchnorm  # noqa: E402
 
 # Ops whose result must reach the host (a CPU-GPU sync on CUDA): scalar reads and data-dependent shapes; and
 # lift_fresh, a tensor made from Python data (torch.tensor, indexing with a list): on CUDA it is then copied from
@@ -166,8 +170,10 @@ def time_ms(call, on_cuda: bool) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
-def profile(mode: str, cfg: Config, info: DistInfo, batch: int, steps: int, warmup: int) -> dict:
-    """One mode on this rank: its figures, times as this rank measured them (main() takes the slowest rank's)."""
+def profile(mode: str, cfg: Config, info: DistInfo, batch: int, steps: int, warmup: int,
+            bn_group: torch.distributed.ProcessGroup | None = None) -> dict:
+    """One mode on this rank: its figures, times as this rank measured them (main() takes the slowest rank's).
+    With several CUDA ranks and cfg.sync_bn, SyncBatchNorm over `bn_group` (None: all ranks)."""
     device = info.device
     torch.manual_seed(0)
     on_cuda = device.type == "cuda"
@@ -177,7 +183,8 @@ def profile(mode: str, cfg: Config, info: DistInfo, batch: int, steps: int, warm
         torch.cuda.reset_peak_memory_stats()
     model = SwAVModel(cfg.arch, cfg.hidden_mlp, cfg.feat_dim, cfg.nmb_prototypes)
     if info.world_size > 1 and cfg.sync_bn and on_cuda:  # as train.py: SyncBatchNorm needs CUDA
-        model = sync_batchnorm(model, info, cfg.sync_bn_group_size, torch_version=mode == "official")
+        convert = torch.nn.SyncBatchNorm.convert_sync_batchnorm if mode == "official" else convert_sync_batchnorm
+        model = convert(model, bn_group)
     model = model.to(device)
     if on_cuda:
         model = model.to(memory_format=torch.channels_last)
@@ -310,7 +317,8 @@ def time_sinkhorn(device: torch.device, k: int, b: int, eps: float, n_iters: int
         if device.type == "cuda":  # the device time alone: launches replayed from a CUDA graph, no host overhead
             try:
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+                # thread_local, as GraphStep: NCCL's watchdog thread may query events while this one captures
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     fn(scores, eps, n_iters, group)
                 times = [time_ms(graph.replay, True) for _ in range(reps)]
                 del graph  # before the group goes (pytorch/pytorch#115388)
@@ -400,15 +408,28 @@ def run(args: argparse.Namespace, cfg: Config, info: DistInfo) -> int:
     device, world = info.device, info.world_size
     say = (lambda msg: print(msg, file=sys.stderr)) if info.is_main else (lambda msg: None)  # noqa: E731
     queue_rows = trimmed_queue_length(cfg, world)
+    # made once: each call makes new communicators
+    bn_group = syncbn_group(info, cfg.sync_bn_group_size) if world > 1 and cfg.sync_bn and device.type == "cuda" \
+        else None
     rows = []
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    for mode in args.modes:  # a mode that fails is reported and the others still run (one GPU session, all figures)
+    # a mode that fails is reported and the others still run (one GPU session, all figures); under torchrun a
+    # failure on any rank stops every rank
+    for mode in args.modes:
         say(f"profiling {mode} ...")
         try:
-            rows.append(profile(mode, copy.deepcopy(cfg), info, args.batch, args.steps, args.warmup))
+            rows.append(profile(mode, copy.deepcopy(cfg), info, args.batch, args.steps, args.warmup, bn_group))
         except Exception as e:  # noqa: BLE001
-            print(f"{mode} failed" + (f" on rank {info.rank}" if world > 1 else "") + f": {type(e).__name__}: {e}",
-                  file=sys.stderr)
+            if world > 1:
+                # The other ranks may be waiting in a collective of this step, and the next mode's collectives
+                # would not match theirs; leaving the group could wait for them too. Exit now: torchrun then
+                # stops the other ranks (rank 0's JSON keeps the modes before this one).
+                traceback.print_exc()
+                print(f"{mode} failed on rank {info.rank}: {type(e).__name__}: {e}; stopping every rank",
+                      file=sys.stderr, flush=True)
+                sys.stdout.flush()
+                os._exit(1)
+            print(f"{mode} failed: {type(e).__name__}: {e}", file=sys.stderr)
             rows.append({"mode": mode, "error": failure(e), "device": device_name})
             if device.type == "cuda":
                 torch.cuda.synchronize()
