@@ -32,6 +32,7 @@ from swav_fast.config import ConfigError, parse_config, to_toml, trimmed_queue_l
 from swav_fast.distributed import (
     DistInfo,
     agree_any,
+    gather_objects,
     init_distributed,
     shutdown,
     syncbn_group,
@@ -66,14 +67,6 @@ def gather_queue(queue: EmbeddingQueue | None, info: DistInfo) -> dict | None:
         buffers = [torch.empty_like(queue.buffer) for _ in range(info.world_size)]
         dist.all_gather(buffers, queue.buffer)
     return {"buffers": [b.cpu() for b in buffers], "n_pushed": queue.n_pushed}
-
-
-def gather_rng(info: DistInfo) -> list:
-    states = [ckpt.rng_state()]
-    if info.world_size > 1:
-        states = [None] * info.world_size
-        dist.all_gather_object(states, ckpt.rng_state())
-    return states
 
 
 def device_config_problem(cfg, on_cuda: bool) -> str | None:
@@ -267,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(epoch: int, step_in_epoch: int) -> Path | None:
         """Every rank takes part in the gathers; rank 0 writes."""
-        queue_state, rng_states = gather_queue(queue, info), gather_rng(info)
+        queue_state, rng_states = gather_queue(queue, info), gather_objects(ckpt.rng_state(), info)
         if not info.is_main:
             return None
         return ckpt.save_checkpoint({

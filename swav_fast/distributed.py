@@ -75,6 +75,16 @@ def agree_any(flags: list[bool], info: DistInfo) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
+def gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's picklable `obj`, rank by rank, on every rank (through the host-side control group, so no GPU
+    stream is waited for); [obj] with one process."""
+    if info.world_size == 1:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj, group=info.control)
+    return out
+
+
 def shutdown(model: torch.nn.Module | None = None, graph_step=None) -> None:
     """Leave the process group; pass the DDP-wrapped model, if any, and the GraphStep, if any.
 

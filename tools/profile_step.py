@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from swav_fast.config import Config, trimmed_queue_length  # noqa: E402
 from swav_fast.distributed import (  # noqa: E402
     DistInfo,
+    gather_objects,
     init_distributed,
     release_ddp,
     shutdown,
@@ -334,15 +335,6 @@ def time_sinkhorn(device: torch.device, k: int, b: int, eps: float, n_iters: int
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
-def gather(obj, info: DistInfo) -> list:
-    """Every rank's `obj`, on every rank (through the host-side control group)."""
-    if info.world_size == 1:
-        return [obj]
-    out = [None] * info.world_size
-    torch.distributed.all_gather_object(out, obj, group=info.control)
-    return out
-
-
 def slowest_sinkhorn(per_rank: list[list[dict]]) -> list[dict]:
     """Sinkhorn-alone rows from every rank: the slowest rank's time per implementation, or the first error."""
     rows = []
@@ -440,7 +432,7 @@ def run(args: argparse.Namespace, cfg: Config, info: DistInfo) -> int:
     say("timing Sinkhorn alone ...")
     sk = time_sinkhorn(device, *args.sinkhorn_shape, cfg.epsilon, cfg.sinkhorn_iterations, max(args.steps, 10),
                        info.group)
-    per_rank = gather((rows, sk), info)
+    per_rank = gather_objects((rows, sk), info)
     rows = [slowest_rank([r[0][i] for r in per_rank], world) for i in range(len(rows))]
     sk = slowest_sinkhorn([r[1] for r in per_rank])
     ok = [r for r in rows if "error" not in r]
