@@ -176,21 +176,28 @@ def test_profile_step_reports_a_failing_mode_and_runs_the_others(capsys, tmp_pat
     assert rows["official"]["ms_per_step"] > 0 and rows["official"]["tflops_per_s"] > 0
 
 
-def test_profile_step_under_torchrun_two_ranks(tmp_path):
-    """Two gloo ranks: the steps run as in train.py (DDP, the Sinkhorns over the group), rank 0 alone prints one
-    table with the slowest rank's time and the samples/s of both; each rank holds half the queue."""
-    import json
+def _profile_step_two_ranks(script: str, out: Path, timeout: int):
+    """`script` (tools/profile_step.py or a wrapper of it) on 2 gloo ranks under torchrun, small shapes, official
+    and eager modes, the JSON written to `out`: the finished process."""
     import os
     import subprocess
     import sys
 
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
+           "--device", "cpu", "--arch", "resnet18", "--batch", "2", "--sizes", "32", "16", "--counts", "2", "2",
+           "--prototypes", "30", "--queue", "8", "--steps", "2", "--warmup", "1", "--modes", "official", "eager",
+           "--sinkhorn-shape", "30", "40", "--json", str(out)]
+    return subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_profile_step_under_torchrun_two_ranks(tmp_path):
+    """Two gloo ranks: the steps run as in train.py (DDP, the Sinkhorns over the group), rank 0 alone prints one
+    table with the slowest rank's time and the samples/s of both; each rank holds half the queue."""
+    import json
+
     out = tmp_path / "p.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "tools/profile_step.py", "--device", "cpu", "--arch", "resnet18", "--batch", "2", "--sizes", "32", "16",
-           "--counts", "2", "2", "--prototypes", "30", "--queue", "8", "--steps", "2", "--warmup", "1", "--modes",
-           "official", "eager", "--sinkhorn-shape", "30", "40", "--json", str(out)]
-    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = _profile_step_two_ranks("tools/profile_step.py", out, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("host syncs") == 1, proc.stdout  # one table, from rank 0
     assert "x 2 ranks" in proc.stdout and "queue 8 (4 rows per rank)" in proc.stdout
@@ -234,18 +241,10 @@ def test_profile_step_under_torchrun_stops_every_rank_when_one_fails(tmp_path):
     """A mode failing on one rank only (rank 0 waits in that step's collectives): every rank stops, rank 0's JSON
     keeps the modes before it, instead of the ranks waiting for each other until NCCL's timeout."""
     import json
-    import os
-    import subprocess
-    import sys
 
     script, out = tmp_path / "fail_on_rank_1.py", tmp_path / "p.json"
     script.write_text(_FAIL_ON_RANK_1)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           "--device", "cpu", "--arch", "resnet18", "--batch", "2", "--sizes", "32", "16", "--counts", "2", "2",
-           "--prototypes", "30", "--queue", "8", "--steps", "2", "--warmup", "1", "--modes", "official", "eager",
-           "--sinkhorn-shape", "30", "40", "--json", str(out)]
-    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = _profile_step_two_ranks(str(script), out, timeout=240)
     assert proc.returncode != 0
     assert "eager failed on rank 1: RuntimeError: out of memory, say; stopping every rank" in proc.stderr
     rep = json.loads(out.read_text())
