@@ -216,7 +216,7 @@ def _rank_worker(rank: int, world: int, port: int, backend: str, variants: list[
         dist.destroy_process_group()
 
 
-def _two_ranks(tmp_path, backend: str, variants: list[str], world: int = 2) -> list[dict]:
+def _ranks(tmp_path, backend: str, variants: list[str], world: int = 2) -> list[dict]:
     out = str(tmp_path / "res")
     mp.spawn(_rank_worker, args=(world, free_port(), backend, variants, out), nprocs=world, join=True)
     return [torch.load(f"{out}.{r}") for r in range(world)]
@@ -244,7 +244,7 @@ def _check_against_ddp(results: list[dict], variants: list[str], tol: float) -> 
 
 def test_two_gloo_ranks_step_all_reduce_equals_ddp(tmp_path):
     variants = ["explicit", "graph", "compile"]
-    results = _two_ranks(tmp_path, "gloo", ["ddp", "ddp_copies", "alone", *variants])
+    results = _ranks(tmp_path, "gloo", ["ddp", "ddp_copies", "alone", *variants])
     print("seconds on rank 0:", {v: round(results[0][v]["seconds"], 1) for v in ["ddp", "alone", *variants]})
     print("largest relative parameter difference to DDP:",
           [{v: f"{_max_rel(res[v]['params'], res['ddp']['params']):.2g}" for v in variants} for res in results])
@@ -265,7 +265,7 @@ def test_three_gloo_ranks_train_py_ddp_settings_equal_ddp_defaults(tmp_path):
     """train.py's DDP settings (gradients as bucket views, one product by 1/3 per bucket, no buffer broadcast)
     against DDP's defaults at a world size that is not a power of two, where dividing instead of multiplying by
     the reciprocal would round differently."""
-    results = _two_ranks(tmp_path, "gloo", ["ddp", "ddp_copies"], world=3)
+    results = _ranks(tmp_path, "gloo", ["ddp", "ddp_copies"], world=3)
     _check_against_ddp(results, ["ddp_copies"], tol=0.0)
 
 
@@ -326,7 +326,7 @@ def test_cuda_graph_replay_dispatches_only_the_copy_in():
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="2-rank NCCL capture needs 2 CUDA devices")
 def test_cuda_two_nccl_ranks_captured_step_equals_ddp(tmp_path):
-    results = _two_ranks(tmp_path, "nccl", ["ddp", "explicit", "graph_capture"])
+    results = _ranks(tmp_path, "nccl", ["ddp", "explicit", "graph_capture"])
     _check_against_ddp(results, ["explicit", "graph_capture"], tol=1e-4)
 
 
