@@ -176,10 +176,11 @@ def test_profile_step_reports_a_failing_mode_and_runs_the_others(capsys, tmp_pat
     assert rows["official"]["ms_per_step"] > 0 and rows["official"]["tflops_per_s"] > 0
 
 
-def _profile_step_two_ranks(script: str, out: Path, timeout: int):
+def _profile_step_two_ranks(script: str, out: Path, timeout: int, env: dict | None = None):
     """`script` (tools/profile_step.py or a wrapper of it) on 2 gloo ranks under torchrun, small shapes, official
     and eager modes, the JSON written to `out`: the finished process."""
     import os
+    import signal
     import subprocess
     import sys
 
@@ -187,8 +188,18 @@ def _profile_step_two_ranks(script: str, out: Path, timeout: int):
            "--device", "cpu", "--arch", "resnet18", "--batch", "2", "--sizes", "32", "16", "--counts", "2", "2",
            "--prototypes", "30", "--queue", "8", "--steps", "2", "--warmup", "1", "--modes", "official", "eager",
            "--sinkhorn-shape", "30", "40", "--json", str(out)]
-    return subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # the ranks hang: SIGTERM lets torchrun stop its workers (each in a session of its own, so killing
+        # torchrun alone would leave them running)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def test_profile_step_under_torchrun_two_ranks(tmp_path):
@@ -221,34 +232,50 @@ _FAIL_ON_RANK_1 = r'''
 import os, sys
 sys.path.insert(0, "tools")
 import profile_step
+import swav_fast.step
 calls = []
-real = profile_step.train_step
+real_step, real_choice = profile_step.train_step, swav_fast.step.sinkhorn_function
 
 
 def train_step(*args, **kwargs):  # the eager mode's third step raises on rank 1 only, after the others' first ones
     calls.append(1)
-    if os.environ["RANK"] == "1" and len(calls) == 3:
+    if os.environ["FAIL"] == "eager" and os.environ["RANK"] == "1" and len(calls) == 3:
         raise RuntimeError("out of memory, say")
-    return real(*args, **kwargs)
+    return real_step(*args, **kwargs)
 
 
-profile_step.train_step = train_step
+def sinkhorn_function(impl):  # Sinkhorn alone (its 40 rows; the steps' have fewer) raises on rank 1 only
+    fn = real_choice(impl)
+
+    def sinkhorn(scores, *args):
+        if os.environ["FAIL"] == "sinkhorn" and os.environ["RANK"] == "1" and scores.shape[0] == 40:
+            raise RuntimeError("capture failed, say")
+        return fn(scores, *args)
+
+    return sinkhorn
+
+
+profile_step.train_step, swav_fast.step.sinkhorn_function = train_step, sinkhorn_function
 sys.exit(profile_step.main(sys.argv[1:]))
 '''
 
 
-def test_profile_step_under_torchrun_stops_every_rank_when_one_fails(tmp_path):
-    """A mode failing on one rank only (rank 0 waits in that step's collectives): every rank stops, rank 0's JSON
-    keeps the modes before it, instead of the ranks waiting for each other until NCCL's timeout."""
+@pytest.mark.parametrize("fail, message, measured", [
+    ("eager", "eager failed on rank 1: RuntimeError: out of memory, say", ["official"]),
+    ("sinkhorn", "Sinkhorn alone failed on rank 1: RuntimeError: capture failed, say", ["official", "eager"])])
+def test_profile_step_under_torchrun_stops_every_rank_when_one_fails(tmp_path, fail, message, measured):
+    """A mode, or Sinkhorn alone, failing on one rank only (rank 0 waits in its collectives): every rank stops,
+    rank 0's JSON keeps the modes measured before, instead of the ranks waiting for each other until NCCL's
+    timeout."""
     import json
 
     script, out = tmp_path / "fail_on_rank_1.py", tmp_path / "p.json"
     script.write_text(_FAIL_ON_RANK_1)
-    proc = _profile_step_two_ranks(str(script), out, timeout=240)
+    proc = _profile_step_two_ranks(str(script), out, timeout=240, env={"FAIL": fail})
     assert proc.returncode != 0
-    assert "eager failed on rank 1: RuntimeError: out of memory, say; stopping every rank" in proc.stderr
+    assert f"{message}; stopping every rank" in proc.stderr, proc.stderr[-3000:]
     rep = json.loads(out.read_text())
-    assert rep["partial"] and [r["mode"] for r in rep["rows"]] == ["official"]
+    assert rep["partial"] and [r["mode"] for r in rep["rows"]] == measured
 
 
 def test_profile_step_takes_the_slowest_rank():

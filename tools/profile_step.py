@@ -22,7 +22,8 @@ compile and graph with swav_fast's SyncBatchNorm and the step's own gradient all
 process group (`--no-sync_bn`: plain BatchNorm; SyncBatchNorm only on CUDA, as train.py). `--batch` is per rank
 and `--queue` the global queue length (each rank holds its share, as in training). A step's time is the slowest
 rank's median; samples/s is per GPU and for all of them. Rank 0 prints and writes the JSON. A mode that fails
-on one rank stops every rank (with one process the other modes still run and the failure is a row).
+(or Sinkhorn alone) on one rank stops every rank (with one process the other modes still run and the failure is a
+row).
 """
 
 from __future__ import annotations
@@ -312,6 +313,8 @@ def time_sinkhorn(device: torch.device, k: int, b: int, eps: float, n_iters: int
             times = [time_ms(lambda fn=fn: fn(scores, eps, n_iters, group), device.type == "cuda")
                      for _ in range(reps)]
         except Exception as e:  # noqa: BLE001  (reported; the other figures stand)
+            if group is not None:
+                raise  # the other ranks may be waiting in its all-reduces: the caller stops every rank
             out.append({"impl": impl, "k": k, "b": b, "error": failure(e)})
             continue
         out.append({"impl": impl, "k": k, "b": b, "ms": statistics.median(times), "ms_min": min(times)})
@@ -324,8 +327,9 @@ def time_sinkhorn(device: torch.device, k: int, b: int, eps: float, n_iters: int
                 times = [time_ms(graph.replay, True) for _ in range(reps)]
                 del graph  # before the group goes (pytorch/pytorch#115388)
             except Exception as e:  # noqa: BLE001
-                out.append({"impl": f"{impl} (CUDA graph)", "k": k, "b": b,
-                            "error": failure(e)})
+                if group is not None:
+                    raise
+                out.append({"impl": f"{impl} (CUDA graph)", "k": k, "b": b, "error": failure(e)})
                 continue
             out.append({"impl": f"{impl} (CUDA graph)", "k": k, "b": b, "ms": statistics.median(times),
                         "ms_min": min(times)})
@@ -396,6 +400,17 @@ def main(argv: list[str] | None = None) -> int:
         shutdown()
 
 
+def stop_every_rank(what: str, info: DistInfo, e: Exception) -> None:
+    """Under torchrun, a measurement that failed on this rank: the other ranks may be waiting in one of its
+    collectives, and the next measurement's collectives would not match theirs; leaving the group could wait for
+    them too. Exit now: torchrun then stops the other ranks (rank 0's JSON keeps the modes measured before)."""
+    traceback.print_exc()
+    print(f"{what} failed on rank {info.rank}: {type(e).__name__}: {e}; stopping every rank",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
+
+
 def run(args: argparse.Namespace, cfg: Config, info: DistInfo) -> int:
     device, world = info.device, info.world_size
     say = (lambda msg: print(msg, file=sys.stderr)) if info.is_main else (lambda msg: None)  # noqa: E731
@@ -413,14 +428,7 @@ def run(args: argparse.Namespace, cfg: Config, info: DistInfo) -> int:
             rows.append(profile(mode, copy.deepcopy(cfg), info, args.batch, args.steps, args.warmup, bn_group))
         except Exception as e:  # noqa: BLE001
             if world > 1:
-                # The other ranks may be waiting in a collective of this step, and the next mode's collectives
-                # would not match theirs; leaving the group could wait for them too. Exit now: torchrun then
-                # stops the other ranks (rank 0's JSON keeps the modes before this one).
-                traceback.print_exc()
-                print(f"{mode} failed on rank {info.rank}: {type(e).__name__}: {e}; stopping every rank",
-                      file=sys.stderr, flush=True)
-                sys.stdout.flush()
-                os._exit(1)
+                stop_every_rank(mode, info, e)
             print(f"{mode} failed: {type(e).__name__}: {e}", file=sys.stderr)
             rows.append({"mode": mode, "error": failure(e), "device": device_name})
             if device.type == "cuda":
@@ -430,8 +438,11 @@ def run(args: argparse.Namespace, cfg: Config, info: DistInfo) -> int:
             args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "world_size": world,
                                              "rows": rows, "partial": True}, indent=1))
     say("timing Sinkhorn alone ...")
-    sk = time_sinkhorn(device, *args.sinkhorn_shape, cfg.epsilon, cfg.sinkhorn_iterations, max(args.steps, 10),
-                       info.group)
+    try:
+        sk = time_sinkhorn(device, *args.sinkhorn_shape, cfg.epsilon, cfg.sinkhorn_iterations, max(args.steps, 10),
+                           info.group)
+    except Exception as e:  # noqa: BLE001  (only under torchrun: with one process failures are rows)
+        stop_every_rank("Sinkhorn alone", info, e)
     per_rank = gather_objects((rows, sk), info)
     rows = [slowest_rank([r[0][i] for r in per_rank], world) for i in range(len(rows))]
     sk = slowest_sinkhorn([r[1] for r in per_rank])
