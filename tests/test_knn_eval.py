@@ -272,6 +272,35 @@ def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     assert 0.0 <= figures["results"]["random init"]["top1"] <= 100.0
 
 
+def test_cli_takes_a_run_checkpoint_and_reads_the_arch(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """A run's checkpoint as train.py writes it (numpy and Python RNG states included) gives the figures of the
+    trunk exported from it; the architecture is read from the file, and a wrong --arch is an error naming both."""
+    from swav_fast.checkpoint import FORMAT, export_trunk, rng_state, save_checkpoint
+    from swav_fast.model import SwAVModel
+
+    train = make_folder(tmp_path / "train", {"a": 4, "b": 4}, seed=0)
+    val = make_folder(tmp_path / "val", {"a": 2, "b": 2}, seed=1)
+    torch.manual_seed(3)
+    swav = SwAVModel("resnet18", hidden_mlp=32, feat_dim=8, n_prototypes=6)
+    ckpt = save_checkpoint({"format": FORMAT, "epoch": 0, "iteration": 2, "model": swav.state_dict(),
+                            "rng": [rng_state()]},
+                           tmp_path / "run", keep=1)
+    trunk = tmp_path / "run" / "trunk_resnet18.pth"
+    export_trunk(swav.state_dict(), trunk)
+    out = tmp_path / "knn.json"
+
+    argv = ["--trunk", str(ckpt), "--baseline", str(trunk), "--train", str(train), "--val", str(val)]
+    argv += ["--size", "32", "--few-labels", "0", "--json", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    figures = json.loads(out.read_text())
+    assert figures["settings"]["arch"] == "resnet18"
+    assert figures["results"]["trained"]["top1"] == figures["results"]["baseline"]["top1"]
+    assert "kNN on resnet18 features" in capsys.readouterr().out
+
+    assert main(argv + ["--arch", "resnet50"]) == 1
+    assert "holds a resnet18 trunk but --arch is resnet50" in capsys.readouterr().err
+
+
 def test_cli_bad_trunk_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     train = make_folder(tmp_path / "train", {"a": 1})
     bad = tmp_path / "bad.pth"

@@ -12,7 +12,7 @@ the same evaluation view: see :func:`eval_dataset`). Class names of a .beton com
 
 Usage::
 
-    python tools/knn_eval.py --trunk RUN/trunk_resnet18.pth --arch resnet18 \\
+    python tools/knn_eval.py --trunk RUN/trunk_resnet18.pth \\
         --train data/demo/digits/train --val data/demo/digits/val --size 32 --compare-random-init
 """
 
@@ -37,6 +37,8 @@ from torchvision import transforms
 if __package__ in (None, ""):  # run as `python tools/knn_eval.py`: make `tools` and `pipelines` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from swav_fast.interop import InteropError, infer_arch, read_checkpoint  # noqa: E402
+from swav_fast.model import trunk_state_dict  # noqa: E402
 from tools.write_ffcv import BetonImages  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -91,6 +93,48 @@ def load_trunk(path: str | None, arch: str, seed: int = 0) -> nn.Module:
 
     model.fc = nn.Identity()
     return model.eval()
+
+
+def load_eval_trunk(path: str | Path | None, arch: str | None = None,
+                    trust_pickle: bool = False) -> tuple[nn.Module, str, str]:
+    """(frozen trunk in eval mode with fc = Identity, arch, kind of file) for ``--trunk``.
+
+    ``path`` None gives the seeded random initialisation of ``arch`` (kind "random init"). The architecture
+    is read from the file's shapes; an explicit ``arch`` that disagrees is an error naming both.
+    """
+    if path is None:
+        if arch is None:
+            raise ValueError("--arch is needed with --random-init")
+        return load_trunk(None, arch), arch, "random init"
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--trunk {path}: no such file; pass a trunk exported by train.py, a run's "
+                                "checkpoint (checkpoints/ckpt_*.pth) or an official SwAV checkpoint")
+    try:
+        state, kind = read_checkpoint(path, trust_pickle)
+    except InteropError as exc:
+        raise ValueError(f"--trunk: {exc}") from exc
+    trunk = trunk_state_dict(state)
+    try:
+        found = infer_arch(trunk)
+    except InteropError as exc:
+        if arch is None:
+            raise ValueError(f"--trunk {path}: {exc}; pass --arch if it is a torchvision model") from exc
+        found = None
+    if arch is not None and found is not None and arch != found:
+        raise ValueError(f"--trunk {path} holds a {found} trunk but --arch is {arch}: pass --arch {found}")
+    arch = arch or found
+    if kind == "torchvision":
+        return load_trunk(str(path), arch), arch, kind
+    model = load_trunk(None, arch)  # fc is already Identity: the trunk keys are the whole state_dict
+    try:
+        model.load_state_dict(trunk, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"--trunk {path} ({kind}) does not fit torchvision {arch}: {exc}") from exc
+    return model.eval(), arch, kind
+
+
+@torch.no_grad()
 
 
 def eval_transform(size: int) -> transforms.Compose:
@@ -340,8 +384,11 @@ def folder_classes(folder: str | Path) -> list[str]:
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Weighted kNN top-1 of frozen trunk features.")
-    parser.add_argument("--trunk", required=True, help="trunk state_dict exported by train.py")
-    parser.add_argument("--arch", default="resnet18", help="torchvision architecture (default resnet18)")
+    parser.add_argument("--trunk", required=True,
+                        help="a trunk exported by train.py (RUN/trunk_<arch>.pth), a run's checkpoint "
+                             "(RUN/checkpoints/ckpt_*.pth) or an official SwAV checkpoint")
+    parser.add_argument("--arch", default=None,
+                        help="torchvision architecture (default: read from the --trunk file's shapes)")
     parser.add_argument("--train", required=True, type=Path,
                         help="labelled bank: ImageFolder root or .beton written by tools/write_ffcv.py")
     parser.add_argument("--val", required=True, type=Path,
@@ -357,12 +404,15 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--draws", type=int, default=10, help="random few-label banks to average (default 10)"
     )
-    parser.add_argument("--baseline", help="also evaluate this trunk state_dict (row named by --baseline-name)")
+    parser.add_argument("--baseline", help="also evaluate this trunk, any file --trunk takes (row named by "
+                                           "--baseline-name)")
     parser.add_argument("--baseline-name", default="baseline",
                         help="row name for --baseline, e.g. 'random init' for a run's trunk_init_<arch>.pth")
     parser.add_argument(
         "--compare-random-init", action="store_true", help="also evaluate the arch at random init (seed 0)"
     )
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow trunk files with arbitrary pickled objects (runs code from the file)")
     parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
@@ -395,8 +445,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             trunks.append((args.baseline_name, args.baseline))
         if args.compare_random_init:
             trunks.append(("random init", None))
-        # Load every trunk before the slow feature passes, so a bad --baseline fails in seconds.
-        models = [(name, path, load_trunk(path, args.arch, seed=0)) for name, path in trunks]
+        # Load every trunk before the slow feature passes, so a bad --baseline fails in seconds. The trained
+        # trunk's file names the architecture (unless --arch does); the others must match it.
+        models, arch = [], args.arch
+        for name, path in trunks:
+            model, arch, _ = load_eval_trunk(path, arch, args.trust_pickle)
+            models.append((name, path, model))
 
         results = {}
         for name, path, model in models:
@@ -426,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"knn_eval: error: {exc}", file=sys.stderr)
         return 1
 
-    table = Table(title=f"kNN on {args.arch} features: {n_train} train / {n_val} val images, {args.size}px")
+    table = Table(title=f"kNN on {arch} features: {n_train} train / {n_val} val images, {args.size}px")
     table.add_column("trunk")
     table.add_column(f"kNN top-1 (all {n_train} labels)", justify="right")
     if args.few_labels:
@@ -448,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.json:
         settings = {
-            "arch": args.arch,
+            "arch": arch,
             "train": str(args.train),
             "val": str(args.val),
             "size": args.size,

@@ -58,15 +58,13 @@ from torchvision import transforms
 if __package__ in (None, ""):  # run as `python tools/linear_eval.py`: make `tools` and `swav_fast` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from swav_fast.interop import InteropError, infer_arch, read_checkpoint  # noqa: E402
-from swav_fast.model import trunk_state_dict  # noqa: E402
 from tools.knn_eval import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
     check_classes,
     compute_features,
     eval_dataset,
-    load_trunk,
+    load_eval_trunk,
 )
 
 DEFAULTS = {"epochs": 100, "lr": 0.3, "final_lr": 0.0, "momentum": 0.9, "wd": 1e-6, "batch_size": 256}
@@ -87,46 +85,6 @@ def train_transform(size: int) -> transforms.Compose:
     ])
 
 
-def load_eval_trunk(path: str | Path | None, arch: str | None = None,
-                    trust_pickle: bool = False) -> tuple[nn.Module, str, str]:
-    """(frozen trunk in eval mode with fc = Identity, arch, kind of file) for ``--trunk``.
-
-    ``path`` None gives the seeded random initialisation of ``arch`` (kind "random init"). The architecture
-    is read from the file's shapes; an explicit ``arch`` that disagrees is an error naming both.
-    """
-    if path is None:
-        if arch is None:
-            raise ValueError("--arch is needed with --random-init")
-        return load_trunk(None, arch), arch, "random init"
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--trunk {path}: no such file; pass a trunk exported by train.py, a run's "
-                                "checkpoint (checkpoints/ckpt_*.pth) or an official SwAV checkpoint")
-    try:
-        state, kind = read_checkpoint(path, trust_pickle)
-    except InteropError as exc:
-        raise ValueError(f"--trunk: {exc}") from exc
-    trunk = trunk_state_dict(state)
-    try:
-        found = infer_arch(trunk)
-    except InteropError as exc:
-        if arch is None:
-            raise ValueError(f"--trunk {path}: {exc}; pass --arch if it is a torchvision model") from exc
-        found = None
-    if arch is not None and found is not None and arch != found:
-        raise ValueError(f"--trunk {path} holds a {found} trunk but --arch is {arch}: pass --arch {found}")
-    arch = arch or found
-    if kind == "torchvision":
-        return load_trunk(str(path), arch), arch, kind
-    model = load_trunk(None, arch)  # fc is already Identity: the trunk keys are the whole state_dict
-    try:
-        model.load_state_dict(trunk, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"--trunk {path} ({kind}) does not fit torchvision {arch}: {exc}") from exc
-    return model.eval(), arch, kind
-
-
-@torch.no_grad()
 def _frozen_features(trunk: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return trunk(images).float().flatten(1)
 
