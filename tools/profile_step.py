@@ -250,9 +250,9 @@ def profile(mode: str, cfg: Config, info: DistInfo, batch: int, steps: int, warm
 def slowest_rank(per_rank: list[dict], world_size: int) -> dict:
     """One row from every rank's row of a mode: the slowest rank's step time (the others wait for it at the
     collectives), the largest peak memory, rank 0's counts; samples/s per GPU and, for all ranks, in total."""
-    if any("error" in r for r in per_rank):
-        return next(r | {"error": f"rank {i}: {r['error']}"} if world_size > 1 else r
-                    for i, r in enumerate(per_rank) if "error" in r)
+    failed = [r for r in per_rank if "error" in r]
+    if failed:  # one process (under torchrun a rank whose mode fails stops every rank before this)
+        return failed[0]
     row = dict(max(per_rank, key=lambda r: r["ms_per_step"]))
     row.update({k: per_rank[0][k] for k in ("host_syncs_per_step", "aten_ops_per_step", "collectives_per_step")})
     if row["peak_mem_gib"] is not None:
