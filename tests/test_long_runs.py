@@ -368,3 +368,51 @@ def test_stop_then_resume_on_cuda(tmp_path, capsys, mode):
     assert "resumed from" in err and "exported the trunk" in err, err
     losses = losses_by_iteration(run_dir)
     assert sorted(losses) == list(range(1, 13)) and all(math.isfinite(v) for v in losses.values())
+
+
+def test_two_nodes_stopped_by_sigterm_and_resumed_equal_one_uninterrupted_node(digits_dir, tmp_path):
+    """The README's multi-node launch (torchrun's c10d rendezvous, one agent per node; here two "nodes" of one
+    rank on this machine, sharing the run directory as nodes share a filesystem): ranks numbered node by node, so
+    the numbers are those of one node with two ranks. A SIGTERM to every node's agent (what SLURM's
+    `--signal=TERM@...` sends) reaches the ranks through torchrun: they write a checkpoint together, and the same
+    launch with `--resume auto` finishes with the uninterrupted run's losses."""
+    from conftest import free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # 100 images, 2 ranks x 4: 2 epochs of 12 steps; the ranks agree on a stop at steps 8 and 12 of an epoch
+    opts = [*TINY, "--batch_size", "4", "--max_steps_per_epoch", "0", "--log_every", "8",
+            "--checkpoint_every_minutes", "0", "--data_path", str(digits_dir)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    one_node = tmp_path / "one_node"
+    proc = subprocess.run([*torchrun, "--standalone", "--nproc_per_node=2", "train.py", *opts, "--run_dir",
+                           str(one_node)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    two_nodes = tmp_path / "two_nodes"
+
+    def launch(*extra: str) -> list[subprocess.Popen]:
+        node = [*torchrun, "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{free_port()}", f"--rdzv_id=job{time.monotonic_ns()}", "train.py", *opts,
+                "--run_dir", str(two_nodes), *extra]
+        return [subprocess.Popen(node, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for _ in range(2)]
+
+    nodes = launch()
+    deadline = time.monotonic() + 240
+    while not (two_nodes / "metrics.jsonl").is_file() or not events(two_nodes, "epoch"):  # epoch 1 done
+        assert all(p.poll() is None for p in nodes) and time.monotonic() < deadline, nodes[0].communicate()[1][-3000:]
+        time.sleep(0.05)
+    for p in nodes:
+        p.send_signal(signal.SIGTERM)
+    err = "".join(p.communicate(timeout=240)[1] for p in nodes)
+    assert "stopped by signal SIGTERM with a checkpoint" in err, err[-3000:]
+    state = ckpt.load(ckpt.list_checkpoints(two_nodes)[-1])
+    assert state["iteration"] in (12 + 8, 12 + 12) and state["world_size"] == 2
+
+    nodes = launch("--resume", "auto")
+    outs = [p.communicate(timeout=300) for p in nodes]
+    assert all(p.returncode == 0 for p in nodes), "".join(o[1] for o in outs)[-3000:]
+    losses = losses_by_iteration(one_node)
+    assert sorted(losses) == [8, 12, 20, 24] and losses_by_iteration(two_nodes) == losses  # logged every 8 steps
+    a, b = (torch.load(d / "trunk_resnet18.pth", weights_only=True) for d in (one_node, two_nodes))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
