@@ -32,6 +32,7 @@ from swav_fast.config import ConfigError, parse_config, to_toml, trimmed_queue_l
 from swav_fast.distributed import (
     DistInfo,
     agree_any,
+    first_disagreement,
     gather_objects,
     init_distributed,
     shutdown,
@@ -93,12 +94,25 @@ def main(argv: list[str] | None = None) -> int:
         # as the official main_swav.py: cuDNN times its algorithms for each shape in the first steps (in graph mode
         # the warm-up steps, before the capture) and keeps the fastest
         torch.backends.cudnn.benchmark = True
+    run_dir = Path(cfg.run_dir)
+    if info.world_size > 1:
+        # Each rank reads the run directory itself (config.toml for --resume auto, the newest checkpoint): on a
+        # directory that some nodes do not share, the ranks would start from different states and wait for each
+        # other in mismatched collectives. They compare what they found first.
+        newest = ckpt.list_checkpoints(run_dir)
+        differ = first_disagreement(gather_objects(
+            {"configuration": dataclasses.asdict(cfg), "newest checkpoint": str(newest[-1]) if newest else None},
+            info))
+        if differ:
+            log(f"[bold red]error:[/] the ranks see different runs ({differ}). --run_dir must be one directory on a "
+                "filesystem that every node sees, and every node must run the same command", highlight=False)
+            shutdown()
+            return 2
     problem = device_config_problem(cfg, on_cuda)
     if problem:
         log(f"[bold red]config error:[/] {problem}", highlight=False)
         shutdown()
         return 2
-    run_dir = Path(cfg.run_dir)
     if cfg.resume not in ("", "auto") and not Path(cfg.resume).is_file():
         log(f"[bold red]error:[/] --resume {cfg.resume}: no such checkpoint file", highlight=False)
         shutdown()
@@ -239,9 +253,10 @@ def main(argv: list[str] | None = None) -> int:
             log(f"the run in {run_dir} has finished all {cfg.epochs} epochs; nothing to train")
         del state
 
-    # SLURM preemption (--signal=USR1@90), torchrun shutdown (SIGTERM) and Ctrl-C (SIGINT): finish the step,
-    # checkpoint, leave. A second Ctrl-C leaves at once, without a checkpoint; one within a second of the first is
-    # the same keypress (under torchrun each rank gets the terminal's SIGINT and the copy torchrun forwards).
+    # SIGTERM (torchrun shutdown, SLURM --signal=TERM@120), SIGUSR1 (sent to train.py itself: it kills torchrun)
+    # and Ctrl-C (SIGINT): finish the step, checkpoint, leave. A second Ctrl-C leaves at once, without a
+    # checkpoint; one within a second of the first is the same keypress (under torchrun each rank gets the
+    # terminal's SIGINT and the copy torchrun forwards).
     stop_signal: list[int] = []
     first_sigint: list[float] = []
 

@@ -85,6 +85,22 @@ def gather_objects(obj, info: DistInfo) -> list:
     return out
 
 
+def first_disagreement(per_rank: list[dict]) -> str | None:
+    """Where the ranks' views of the run differ (`per_rank`: one dict of facts per rank, the same keys), as one
+    line naming the first differing fact and the first rank that differs from rank 0; None when all agree."""
+    for key in per_rank[0]:
+        for rank, facts in enumerate(per_rank[1:], start=1):
+            mine, theirs = per_rank[0][key], facts[key]
+            if mine == theirs:
+                continue
+            if isinstance(mine, dict):  # name the differing entries, not the whole dict
+                names = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+                shown = ", ".join(f"{k} {mine.get(k)!r} on rank 0, {theirs.get(k)!r} on rank {rank}" for k in names[:3])
+                return f"{key}: {shown}"
+            return f"{key}: {mine!r} on rank 0, {theirs!r} on rank {rank}"
+    return None
+
+
 def shutdown(model: torch.nn.Module | None = None, graph_step=None) -> None:
     """Leave the process group; pass the DDP-wrapped model, if any, and the GraphStep, if any.
 

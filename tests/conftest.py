@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import builtins
 import importlib.util
+import os
+import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +43,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_torchrun(args: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=2 ARGS` from the repository root, one thread per rank, output
+    captured. If the ranks hang past `timeout`, SIGTERM lets torchrun stop them (each rank runs in a session of its
+    own, so killing torchrun alone would leave them running), then TimeoutExpired is raised."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 needs_ffcv = pytest.mark.skipif(importlib.util.find_spec("ffcv") is None,

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_torchrun
 
 import train
 from swav_fast import checkpoint as ckpt
@@ -234,10 +235,8 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_together(digits_dir, tmp
     collective until torchrun killed them, and rank 0 never said why)."""
     script, run_dir = tmp_path / "nan_on_rank_1.py", tmp_path / "nan_ddp"
     script.write_text(_NAN_ON_RANK_1)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *TINY,
-           "--batch_size", "4", "--log_every", "2", "--data_path", str(digits_dir), "--run_dir", str(run_dir)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun([str(script), *TINY, "--batch_size", "4", "--log_every", "2", "--data_path", str(digits_dir),
+                         "--run_dir", str(run_dir)], 300)
     assert proc.returncode != 0
     assert "another rank's loss is not finite (by iteration 4" in proc.stderr, proc.stderr[-3000:]
     assert "exitcode: 3" in proc.stderr  # torchrun names a rank that left with the NaN exit code

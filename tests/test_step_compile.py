@@ -179,27 +179,12 @@ def test_profile_step_reports_a_failing_mode_and_runs_the_others(capsys, tmp_pat
 def _profile_step_two_ranks(script: str, out: Path, timeout: int, env: dict | None = None):
     """`script` (tools/profile_step.py or a wrapper of it) on 2 gloo ranks under torchrun, small shapes, official
     and eager modes, the JSON written to `out`: the finished process."""
-    import os
-    import signal
-    import subprocess
-    import sys
+    from conftest import run_torchrun
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
-           "--device", "cpu", "--arch", "resnet18", "--batch", "2", "--sizes", "32", "16", "--counts", "2", "2",
-           "--prototypes", "30", "--queue", "8", "--steps", "2", "--warmup", "1", "--modes", "official", "eager",
-           "--sinkhorn-shape", "30", "40", "--json", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        # the ranks hang: SIGTERM lets torchrun stop its workers (each in a session of its own, so killing
-        # torchrun alone would leave them running)
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=60)
-        raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    return run_torchrun([script, "--device", "cpu", "--arch", "resnet18", "--batch", "2", "--sizes", "32", "16",
+                         "--counts", "2", "2", "--prototypes", "30", "--queue", "8", "--steps", "2", "--warmup", "1",
+                         "--modes", "official", "eager", "--sinkhorn-shape", "30", "40", "--json", str(out)],
+                        timeout, env)
 
 
 def test_profile_step_under_torchrun_two_ranks(tmp_path):

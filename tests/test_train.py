@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from conftest import run_torchrun
 
 import train
 from swav_fast import checkpoint as ckpt
@@ -93,10 +91,8 @@ def test_freeze_window_leaves_prototypes_untouched(digits_dir, tmp_path):
 
 def test_torchrun_two_ranks_on_cpu(digits_dir, tmp_path, capsys):
     run_dir = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           *TINY, "--batch_size", "4", "--data_path", str(digits_dir), "--run_dir", str(run_dir)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun(["train.py", *TINY, "--batch_size", "4", "--data_path", str(digits_dir), "--run_dir",
+                         str(run_dir)], 300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "plain BatchNorm" in proc.stderr  # the CPU note about SyncBN
     state = ckpt.load(latest(run_dir))
@@ -115,6 +111,42 @@ def test_torchrun_two_ranks_on_cpu(digits_dir, tmp_path, capsys):
     # after 2 more pushes of 4 rows, the newer half of the dealt rows is below them: rows 0-3 of rank 0, 1 in turn
     torch.testing.assert_close(state["queue"]["buffers"][0][:, 16 - 8:],
                                torch.stack([b[:, i] for i in range(4) for b in saved], dim=1), rtol=0, atol=0)
+
+
+_NODE_LOCAL_RUN_DIR = r'''
+import os, sys
+import train
+if os.environ["RANK"] == "1":  # rank 1's node sees an empty --run_dir, as a node-local disk would be
+    train.ckpt.list_checkpoints = lambda run_dir: []
+    train.ckpt.load_latest = lambda run_dir, warn=print: None
+sys.exit(train.main(sys.argv[1:]))
+'''
+
+
+def test_ranks_that_see_different_run_directories_stop_with_a_clear_error(digits_dir, tmp_path):
+    """--resume auto where one node does not see the run directory (node-local disk): rank 0 would resume and rank
+    1 start afresh, and the two would wait for each other in mismatched collectives. Every rank stops at once."""
+    run_dir, script = tmp_path / "r", tmp_path / "node_local.py"
+    assert run(digits_dir, run_dir, "--batch_size", "4", "--stop_after_epoch", "1") == 0
+    script.write_text(_NODE_LOCAL_RUN_DIR)
+    proc = run_torchrun([str(script), "--run_dir", str(run_dir), "--resume", "auto"], 240, {"PYTHONPATH": str(REPO)})
+    assert proc.returncode != 0
+    newest = ckpt.list_checkpoints(run_dir)[-1]
+    assert (f"the ranks see different runs (newest checkpoint: '{newest}' on rank 0, None on rank 1). --run_dir "
+            "must be one directory on a filesystem that every node sees") in " ".join(proc.stderr.split()), \
+        proc.stderr[-3000:]
+    assert ckpt.list_checkpoints(run_dir) == [newest]  # nothing written
+
+
+def test_first_disagreement_names_the_fact_and_the_rank():
+    from swav_fast.distributed import first_disagreement
+
+    same = {"configuration": {"batch_size": 64, "epochs": 200}, "newest checkpoint": "r/ckpt_4.pth"}
+    assert first_disagreement([same, same, same]) is None
+    other = {"configuration": {"batch_size": 32, "epochs": 200}, "newest checkpoint": None}
+    assert first_disagreement([same, same, other]) == "configuration: batch_size 64 on rank 0, 32 on rank 2"
+    assert first_disagreement([same, same | {"newest checkpoint": None}]) == \
+        "newest checkpoint: 'r/ckpt_4.pth' on rank 0, None on rank 1"
 
 
 def test_resume_with_another_global_batch_keeps_its_place(digits_dir, tmp_path, capsys):
