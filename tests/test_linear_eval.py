@@ -109,6 +109,10 @@ def test_faithful_path_keeps_trunk_frozen(digits_dir, val_dir):
     for k, v in trunk.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert not trunk.training
+    from tools.linear_eval import _frozen_features
+
+    # the trunk's forward keeps no autograd graph (its activations would stay alive through the head's step)
+    assert not _frozen_features(trunk, torch.zeros(2, 3, 32, 32)).requires_grad
 
 
 def test_trunk_inputs_all_give_the_same_trunk(tmp_path, digits_dir):

@@ -134,9 +134,6 @@ def load_eval_trunk(path: str | Path | None, arch: str | None = None,
     return model.eval(), arch, kind
 
 
-@torch.no_grad()
-
-
 def eval_transform(size: int) -> transforms.Compose:
     """The standard evaluation view: resize to size*256/224, centre crop ``size``, ImageNet normalisation."""
     return transforms.Compose(

@@ -85,6 +85,7 @@ def train_transform(size: int) -> transforms.Compose:
     ])
 
 
+@torch.no_grad()
 def _frozen_features(trunk: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return trunk(images).float().flatten(1)
 
