@@ -40,6 +40,7 @@ import time
 import traceback
 from collections import Counter
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -400,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         shutdown()
 
 
-def stop_every_rank(what: str, info: DistInfo, e: Exception) -> None:
+def stop_every_rank(what: str, info: DistInfo, e: Exception) -> NoReturn:
     """Under torchrun, a measurement that failed on this rank: the other ranks may be waiting in one of its
     collectives, and the next measurement's collectives would not match theirs; leaving the group could wait for
     them too. Exit now: torchrun then stops the other ranks (rank 0's JSON keeps the modes measured before)."""
