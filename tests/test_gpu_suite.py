@@ -172,6 +172,10 @@ def test_a_cut_off_profile_keeps_its_finished_modes(cpu_suite, tmp_path):
     text = "".join(lines)
     assert "FLOPs not counted" in text and "| official |" in text and "| - | - |" in text  # no TFLOP/s, no MFU
     assert "profile_step stopped after 1 of 4 modes: timed out after 540 s, 550 s" in " ".join(problems)
+    # every mode measured (their table is written first), then cut off in Sinkhorn alone
+    (suite / "profile_step.json").write_text(json.dumps({**prof, "partial": True, "sinkhorn": []}))
+    _, problems = gpu_suite_report.report(suite, "2026-01-02")
+    assert "profile_step stopped while timing Sinkhorn alone: timed out" in " ".join(problems)
 
 
 def test_profile_step_writes_rows_after_each_mode(tmp_path, monkeypatch):

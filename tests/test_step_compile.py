@@ -261,6 +261,9 @@ def test_profile_step_under_torchrun_stops_every_rank_when_one_fails(tmp_path, f
     assert f"{message}; stopping every rank" in proc.stderr, proc.stderr[-3000:]
     rep = json.loads(out.read_text())
     assert rep["partial"] and [r["mode"] for r in rep["rows"]] == measured
+    if fail == "sinkhorn":  # every mode was measured: their table is printed before Sinkhorn alone runs
+        assert proc.stdout.count("host syncs") == 1 and "x 2 ranks" in proc.stdout, proc.stdout
+        assert all(r["world_size"] == 2 for r in rep["rows"])  # the ranks' merged rows
 
 
 def test_profile_step_takes_the_slowest_rank():

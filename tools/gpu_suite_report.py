@@ -84,8 +84,10 @@ def report(suite: Path, today: str) -> tuple[list[str], list[str]]:
     else:
         a = prof.get("args", {})
         if prof.get("partial"):
-            problems.append(f"profile_step stopped after {len(prof.get('rows', []))} of {len(a.get('modes') or [])} "
-                            f"modes: {_status(suite, 'step')} (see {suite / 'profile_step.txt'})")
+            done, modes = len(prof.get("rows", [])), len(a.get("modes") or [])
+            where = "while timing Sinkhorn alone" if done == modes else f"after {done} of {modes} modes"
+            problems.append(f"profile_step stopped {where}: {_status(suite, 'step')} "
+                            f"(see {suite / 'profile_step.txt'})")
         flops = (f"{prof['flops_per_step'] / 1e9:.1f} GFLOP per step" if prof.get("flops_per_step")
                  else "FLOPs not counted")
         lines.append(f"\n{a.get('arch', '?')}, {a.get('batch', '?')} images x {a.get('counts', '?')} crops of "

@@ -404,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
 def stop_every_rank(what: str, info: DistInfo, e: Exception) -> NoReturn:
     """Under torchrun, a measurement that failed on this rank: the other ranks may be waiting in one of its
     collectives, and the next measurement's collectives would not match theirs; leaving the group could wait for
-    them too. Exit now: torchrun then stops the other ranks (rank 0's JSON keeps the modes measured before)."""
+    them too. Exit now: torchrun then stops the other ranks of this machine (on other machines, their collectives
+    time out). Rank 0's JSON keeps what was measured before."""
     traceback.print_exc()
     print(f"{what} failed on rank {info.rank}: {type(e).__name__}: {e}; stopping every rank",
           file=sys.stderr, flush=True)
@@ -412,46 +413,12 @@ def stop_every_rank(what: str, info: DistInfo, e: Exception) -> NoReturn:
     os._exit(1)
 
 
-def run(args: argparse.Namespace, cfg: Config, info: DistInfo) -> int:
+def print_table(args: argparse.Namespace, cfg: Config, info: DistInfo, rows: list[dict], device_name: str,
+                queue_rows: int, say) -> tuple[float | None, float | None]:
+    """Rank 0: the modes' table (with TFLOP/s and MFU added to `rows`) and, for the ImageNet model and crops, the
+    epoch-time projection; returns (FLOPs per step or None, the GPU's peak or None)."""
     device, world = info.device, info.world_size
-    say = (lambda msg: print(msg, file=sys.stderr)) if info.is_main else (lambda msg: None)  # noqa: E731
-    queue_rows = trimmed_queue_length(cfg, world)
-    # made once: each call makes new communicators
-    bn_group = syncbn_group(info, cfg.sync_bn_group_size) if world > 1 and cfg.sync_bn and device.type == "cuda" \
-        else None
-    rows = []
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    # a mode that fails is reported and the others still run (one GPU session, all figures); under torchrun a
-    # failure on any rank stops every rank
-    for mode in args.modes:
-        say(f"profiling {mode} ...")
-        try:
-            rows.append(profile(mode, copy.deepcopy(cfg), info, args.batch, args.steps, args.warmup, bn_group))
-        except Exception as e:  # noqa: BLE001
-            if world > 1:
-                stop_every_rank(mode, info, e)
-            print(f"{mode} failed: {type(e).__name__}: {e}", file=sys.stderr)
-            rows.append({"mode": mode, "error": failure(e), "device": device_name})
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.empty_cache()
-        if args.json and info.is_main:  # the rows so far (rank 0's), in case a later mode is cut off by a time limit
-            args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "world_size": world,
-                                             "rows": rows, "partial": True}, indent=1))
-    say("timing Sinkhorn alone ...")
-    try:
-        sk = time_sinkhorn(device, *args.sinkhorn_shape, cfg.epsilon, cfg.sinkhorn_iterations, max(args.steps, 10),
-                           info.group)
-    except Exception as e:  # noqa: BLE001  (only under torchrun: with one process failures are rows)
-        stop_every_rank("Sinkhorn alone", info, e)
-    per_rank = gather_objects((rows, sk), info)
-    rows = [slowest_rank([r[0][i] for r in per_rank], world) for i in range(len(rows))]
-    sk = slowest_sinkhorn([r[1] for r in per_rank])
     ok = [r for r in rows if "error" not in r]
-    status = 0 if all("ms" in x for x in sk) and all(math.isfinite(r["ms_per_step"]) for r in ok) \
-        and len(ok) == len(rows) else 1
-    if not info.is_main:
-        return status
     say("counting FLOPs ...")
     try:
         flops = step_flops(cfg, device, args.batch)
@@ -490,19 +457,71 @@ def run(args: argparse.Namespace, cfg: Config, info: DistInfo) -> int:
               + (f"{r['samples_per_s_total']:>10.1f}" if many else "") + f"{syncs:>12}{ops:>10}"
               + (f"{coll:>10}" if many else "") + f"{mem:>10}"
               + (f"{r['tflops_per_s']:>9.2f}" if r["tflops_per_s"] is not None else f"{'-':>9}") + f"{mfu:>7}")
-    print(f"# Sinkhorn alone, K {args.sinkhorn_shape[0]} x B {args.sinkhorn_shape[1]}"
-          + (f" per rank over {world} ranks" if many else "") + f", {cfg.sinkhorn_iterations} iterations: "
-          + ", ".join(f"{s['impl']} " + (f"{s['ms']:.3f} ms" if "ms" in s else f"FAILED ({s['error']})") for s in sk))
     if ok and args.arch == "resnet50" and args.sizes[0] == 224:  # the ImageNet recipes' model and crops
         best = max(ok, key=lambda r: r["samples_per_s_total"])
         minutes = IMAGENET_TRAIN_IMAGES / best["samples_per_s_total"] / 60
         print(f"# at the {best['mode']} rate, the step alone (no data loading) would take {minutes:.1f} min per "
               f"ImageNet-1k epoch ({IMAGENET_TRAIN_IMAGES:,} images) on {world} {'GPUs' if many else 'device'}, "
               f"{minutes * 200 / 60:.1f} h for 200 epochs")
-    if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "world_size": world,
-                                         "rows": rows, "flops_per_step": flops, "peak_flops": peak, "sinkhorn": sk},
-                                        indent=1))
+    return flops, peak
+
+
+def run(args: argparse.Namespace, cfg: Config, info: DistInfo) -> int:
+    device, world = info.device, info.world_size
+    say = (lambda msg: print(msg, file=sys.stderr)) if info.is_main else (lambda msg: None)  # noqa: E731
+    queue_rows = trimmed_queue_length(cfg, world)
+    # made once: each call makes new communicators
+    bn_group = syncbn_group(info, cfg.sync_bn_group_size) if world > 1 and cfg.sync_bn and device.type == "cuda" \
+        else None
+    rows = []
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+
+    def write_json(**content) -> None:  # rank 0's JSON, rewritten as the figures come in
+        if args.json and info.is_main:
+            args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "world_size": world,
+                                             **content}, indent=1))
+
+    # a mode that fails is reported and the others still run (one GPU session, all figures); under torchrun a
+    # failure on any rank stops every rank
+    for mode in args.modes:
+        say(f"profiling {mode} ...")
+        try:
+            rows.append(profile(mode, copy.deepcopy(cfg), info, args.batch, args.steps, args.warmup, bn_group))
+        except Exception as e:  # noqa: BLE001
+            if world > 1:
+                stop_every_rank(mode, info, e)
+            print(f"{mode} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            rows.append({"mode": mode, "error": failure(e), "device": device_name})
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+        write_json(rows=rows, partial=True)  # the rows so far (rank 0's), in case a time limit cuts a later mode
+    # the modes' table first: if Sinkhorn alone then fails on a rank (every rank stops), the figures are out
+    per_rank = gather_objects(rows, info)
+    rows = [slowest_rank([r[i] for r in per_rank], world) for i in range(len(rows))]
+    ok = [r for r in rows if "error" not in r]
+    flops = peak = None
+    if info.is_main:
+        flops, peak = print_table(args, cfg, info, rows, device_name, queue_rows, say)
+        sys.stdout.flush()  # out now: a failure on another rank below ends this process without a flush
+        write_json(rows=rows, flops_per_step=flops, peak_flops=peak, partial=True)
+    if world > 1:  # every rank waits for that table before Sinkhorn alone, whose failure on any rank ends them all
+        torch.distributed.barrier(group=info.control)
+    say("timing Sinkhorn alone ...")
+    try:
+        sk = time_sinkhorn(device, *args.sinkhorn_shape, cfg.epsilon, cfg.sinkhorn_iterations, max(args.steps, 10),
+                           info.group)
+    except Exception as e:  # noqa: BLE001  (only under torchrun: with one process failures are rows)
+        stop_every_rank("Sinkhorn alone", info, e)
+    sk = slowest_sinkhorn(gather_objects(sk, info))
+    status = 0 if all("ms" in x for x in sk) and all(math.isfinite(r["ms_per_step"]) for r in ok) \
+        and len(ok) == len(rows) else 1
+    if not info.is_main:
+        return status
+    print(f"# Sinkhorn alone, K {args.sinkhorn_shape[0]} x B {args.sinkhorn_shape[1]}"
+          + (f" per rank over {world} ranks" if world > 1 else "") + f", {cfg.sinkhorn_iterations} iterations: "
+          + ", ".join(f"{s['impl']} " + (f"{s['ms']:.3f} ms" if "ms" in s else f"FAILED ({s['error']})") for s in sk))
+    write_json(rows=rows, flops_per_step=flops, peak_flops=peak, sinkhorn=sk)
     return status
 
 
