@@ -96,13 +96,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
     run_dir = Path(cfg.run_dir)
     if info.world_size > 1:
-        # Each rank reads the run directory itself (config.toml for --resume auto, the newest checkpoint): on a
-        # directory that some nodes do not share, the ranks would start from different states and wait for each
-        # other in mismatched collectives. They compare what they found first.
+        # Each rank reads its files itself (the run directory's newest checkpoint and, for --resume auto, its
+        # config.toml; the data, --resume and --init_from files): where some nodes do not see the same files, the
+        # ranks would start from different states, or some would stop while the others wait for them in a
+        # collective. They compare what they found first.
         newest = ckpt.list_checkpoints(run_dir)
-        differ = first_disagreement(gather_objects(
-            {"configuration": dataclasses.asdict(cfg), "newest checkpoint": str(newest[-1]) if newest else None},
-            info))
+        differ = first_disagreement(gather_objects({
+            "newest checkpoint": ckpt.describe(newest[-1]) if newest else None,
+            "--data_path exists": Path(cfg.data_path).exists(),
+            "--resume file exists": Path(cfg.resume).is_file() if cfg.resume not in ("", "auto") else None,
+            "--init_from file exists": Path(cfg.init_from).is_file() if cfg.init_from else None,
+            "configuration": dataclasses.asdict(cfg)}, info))
         if differ:
             log(f"[bold red]error:[/] the ranks see different runs ({differ}). --run_dir must be one directory on a "
                 "filesystem that every node sees, and every node must run the same command", highlight=False)

@@ -132,9 +132,10 @@ def test_ranks_that_see_different_run_directories_stop_with_a_clear_error(digits
     proc = run_torchrun([str(script), "--run_dir", str(run_dir), "--resume", "auto"], 240, {"PYTHONPATH": str(REPO)})
     assert proc.returncode != 0
     newest = ckpt.list_checkpoints(run_dir)[-1]
-    assert (f"the ranks see different runs (newest checkpoint: '{newest}' on rank 0, None on rank 1). --run_dir "
-            "must be one directory on a filesystem that every node sees") in " ".join(proc.stderr.split()), \
-        proc.stderr[-3000:]
+    digest = newest.with_name(newest.name + ".sha256").read_text()[:16]
+    assert (f"the ranks see different runs (newest checkpoint: '{newest} (sha256 {digest})' on rank 0, None on rank "
+            "1). --run_dir must be one directory on a filesystem that every node sees") \
+        in " ".join(proc.stderr.split()), proc.stderr[-3000:]
     assert ckpt.list_checkpoints(run_dir) == [newest]  # nothing written
 
 
