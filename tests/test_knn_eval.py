@@ -299,6 +299,15 @@ def test_cli_takes_a_run_checkpoint_and_reads_the_arch(tmp_path: Path, capsys: p
 
     assert main(argv + ["--arch", "resnet50"]) == 1
     assert "holds a resnet18 trunk but --arch is resnet50" in capsys.readouterr().err
+    # a --baseline is named as such: missing, or of another architecture than --trunk
+    argv[argv.index("--baseline") + 1] = str(tmp_path / "nope.pth")
+    assert main(argv) == 1
+    assert f"--baseline {tmp_path / 'nope.pth'}: no such file" in capsys.readouterr().err
+    torch.save({k: v for k, v in torchvision.models.resnet34().state_dict().items() if k[:3] != "fc."},
+               tmp_path / "r34.pth")
+    argv[argv.index("--baseline") + 1] = str(tmp_path / "r34.pth")
+    assert main(argv) == 1
+    assert f"--baseline {tmp_path / 'r34.pth'} holds a resnet34 trunk but --trunk a resnet18" in capsys.readouterr().err
 
 
 def test_cli_bad_trunk_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

@@ -95,12 +95,13 @@ def load_trunk(path: str | None, arch: str, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def load_eval_trunk(path: str | Path | None, arch: str | None = None,
-                    trust_pickle: bool = False) -> tuple[nn.Module, str, str]:
+def load_eval_trunk(path: str | Path | None, arch: str | None = None, trust_pickle: bool = False,
+                    option: str = "--trunk") -> tuple[nn.Module, str, str]:
     """(frozen trunk in eval mode with fc = Identity, arch, kind of file) for ``--trunk``.
 
     ``path`` None gives the seeded random initialisation of ``arch`` (kind "random init"). The architecture
-    is read from the file's shapes; an explicit ``arch`` that disagrees is an error naming both.
+    is read from the file's shapes; an explicit ``arch`` that disagrees is an error naming both. Errors name the
+    file as the command-line ``option`` that gave it.
     """
     if path is None:
         if arch is None:
@@ -108,21 +109,21 @@ def load_eval_trunk(path: str | Path | None, arch: str | None = None,
         return load_trunk(None, arch), arch, "random init"
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--trunk {path}: no such file; pass a trunk exported by train.py, a run's "
+        raise FileNotFoundError(f"{option} {path}: no such file; pass a trunk exported by train.py, a run's "
                                 "checkpoint (checkpoints/ckpt_*.pth) or an official SwAV checkpoint")
     try:
         state, kind = read_checkpoint(path, trust_pickle)
     except InteropError as exc:
-        raise ValueError(f"--trunk: {exc}") from exc
+        raise ValueError(f"{option}: {exc}") from exc
     trunk = trunk_state_dict(state)
     try:
         found = infer_arch(trunk)
     except InteropError as exc:
         if arch is None:
-            raise ValueError(f"--trunk {path}: {exc}; pass --arch if it is a torchvision model") from exc
+            raise ValueError(f"{option} {path}: {exc}; pass --arch if it is a torchvision model") from exc
         found = None
     if arch is not None and found is not None and arch != found:
-        raise ValueError(f"--trunk {path} holds a {found} trunk but --arch is {arch}: pass --arch {found}")
+        raise ValueError(f"{option} {path} holds a {found} trunk but --arch is {arch}: pass --arch {found}")
     arch = arch or found
     if kind == "torchvision":
         return load_trunk(str(path), arch), arch, kind
@@ -130,7 +131,7 @@ def load_eval_trunk(path: str | Path | None, arch: str | None = None,
     try:
         model.load_state_dict(trunk, strict=True)
     except RuntimeError as exc:
-        raise ValueError(f"--trunk {path} ({kind}) does not fit torchvision {arch}: {exc}") from exc
+        raise ValueError(f"{option} {path} ({kind}) does not fit torchvision {arch}: {exc}") from exc
     return model.eval(), arch, kind
 
 
@@ -437,17 +438,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         n_classes, notes = check_classes(args.train, args.val)
         for note in notes:
             print(f"knn_eval: note: {note}", file=sys.stderr)
-        trunks: list[tuple[str, str | None]] = [("trained", args.trunk)]
+        # Load every trunk before the slow feature passes, so a bad --baseline fails in seconds. The --trunk file
+        # names the architecture (unless --arch does); a --baseline must be of the same one.
+        model, arch, _ = load_eval_trunk(args.trunk, args.arch, args.trust_pickle)
+        models: list[tuple[str, str | None, nn.Module]] = [("trained", args.trunk, model)]
         if args.baseline:
-            trunks.append((args.baseline_name, args.baseline))
+            model, found, _ = load_eval_trunk(args.baseline, args.arch, args.trust_pickle, option="--baseline")
+            if found != arch:
+                raise ValueError(f"--baseline {args.baseline} holds a {found} trunk but --trunk a {arch}: compare "
+                                 "trunks of one architecture")
+            models.append((args.baseline_name, args.baseline, model))
         if args.compare_random_init:
-            trunks.append(("random init", None))
-        # Load every trunk before the slow feature passes, so a bad --baseline fails in seconds. The trained
-        # trunk's file names the architecture (unless --arch does); the others must match it.
-        models, arch = [], args.arch
-        for name, path in trunks:
-            model, arch, _ = load_eval_trunk(path, arch, args.trust_pickle)
-            models.append((name, path, model))
+            models.append(("random init", None, load_eval_trunk(None, arch)[0]))
 
         results = {}
         for name, path, model in models:
