@@ -56,10 +56,23 @@ def run_torchrun(args: list[str], timeout: float, env: dict | None = None) -> su
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=60)
+        stop_torchrun([proc])
         raise
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def stop_torchrun(procs: list[subprocess.Popen]) -> None:
+    """Stop torchrun launches still running: SIGTERM, which torchrun forwards to its ranks, then SIGKILL for one
+    still there after 60 s (its ranks may then outlive it)."""
+    running = [proc for proc in procs if proc.poll() is None]
+    for proc in running:
+        proc.send_signal(signal.SIGTERM)
+    for proc in running:
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
 
 
 needs_ffcv = pytest.mark.skipif(importlib.util.find_spec("ffcv") is None,

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_torchrun
+from conftest import run_torchrun, stop_torchrun
 
 import train
 from swav_fast import checkpoint as ckpt
@@ -371,10 +371,10 @@ def test_stop_then_resume_on_cuda(tmp_path, capsys, mode):
 
 def test_two_nodes_stopped_by_sigterm_and_resumed_equal_one_uninterrupted_node(digits_dir, tmp_path):
     """The README's multi-node launch (torchrun's c10d rendezvous, one agent per node; here two "nodes" of one
-    rank on this machine, sharing the run directory as nodes share a filesystem): ranks numbered node by node, so
-    the numbers are those of one node with two ranks. A SIGTERM to every node's agent (what SLURM's
-    `--signal=TERM@...` sends) reaches the ranks through torchrun: they write a checkpoint together, and the same
-    launch with `--resume auto` finishes with the uninterrupted run's losses."""
+    rank on this machine, sharing the run directory as nodes share a filesystem) gives the numbers of one node with
+    two ranks. A SIGTERM to every node's agent (what SLURM's `--signal=TERM@...` sends) reaches the ranks through
+    torchrun: they write a checkpoint together, and the same launch with `--resume auto` finishes with the
+    uninterrupted run's losses."""
     from conftest import free_port
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -383,8 +383,7 @@ def test_two_nodes_stopped_by_sigterm_and_resumed_equal_one_uninterrupted_node(d
             "--checkpoint_every_minutes", "0", "--data_path", str(digits_dir)]
     torchrun = [sys.executable, "-m", "torch.distributed.run"]
     one_node = tmp_path / "one_node"
-    proc = subprocess.run([*torchrun, "--standalone", "--nproc_per_node=2", "train.py", *opts, "--run_dir",
-                           str(one_node)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun(["train.py", *opts, "--run_dir", str(one_node)], 300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     two_nodes = tmp_path / "two_nodes"
@@ -397,19 +396,25 @@ def test_two_nodes_stopped_by_sigterm_and_resumed_equal_one_uninterrupted_node(d
                 for _ in range(2)]
 
     nodes = launch()
-    deadline = time.monotonic() + 240
-    while not (two_nodes / "metrics.jsonl").is_file() or not events(two_nodes, "epoch"):  # epoch 1 done
-        assert all(p.poll() is None for p in nodes) and time.monotonic() < deadline, nodes[0].communicate()[1][-3000:]
-        time.sleep(0.05)
-    for p in nodes:
-        p.send_signal(signal.SIGTERM)
-    err = "".join(p.communicate(timeout=240)[1] for p in nodes)
+    try:
+        deadline = time.monotonic() + 240
+        while not (two_nodes / "metrics.jsonl").is_file() or not events(two_nodes, "epoch"):  # epoch 1 done
+            assert all(p.poll() is None for p in nodes) and time.monotonic() < deadline, "a node stopped or hung"
+            time.sleep(0.05)
+        for p in nodes:
+            p.send_signal(signal.SIGTERM)
+        err = "".join(p.communicate(timeout=240)[1] for p in nodes)
+    finally:
+        stop_torchrun(nodes)
     assert "stopped by signal SIGTERM with a checkpoint" in err, err[-3000:]
     state = ckpt.load(ckpt.list_checkpoints(two_nodes)[-1])
     assert state["iteration"] in (12 + 8, 12 + 12) and state["world_size"] == 2
 
     nodes = launch("--resume", "auto")
-    outs = [p.communicate(timeout=300) for p in nodes]
+    try:
+        outs = [p.communicate(timeout=300) for p in nodes]
+    finally:
+        stop_torchrun(nodes)
     assert all(p.returncode == 0 for p in nodes), "".join(o[1] for o in outs)[-3000:]
     losses = losses_by_iteration(one_node)
     assert sorted(losses) == [8, 12, 20, 24] and losses_by_iteration(two_nodes) == losses  # logged every 8 steps
