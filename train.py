@@ -257,10 +257,10 @@ def main(argv: list[str] | None = None) -> int:
             log(f"the run in {run_dir} has finished all {cfg.epochs} epochs; nothing to train")
         del state
 
-    # SIGTERM (torchrun shutdown, SLURM --signal=TERM@120), SIGUSR1 (sent to train.py itself: it kills torchrun)
-    # and Ctrl-C (SIGINT): finish the step, checkpoint, leave. A second Ctrl-C leaves at once, without a
-    # checkpoint; one within a second of the first is the same keypress (under torchrun each rank gets the
-    # terminal's SIGINT and the copy torchrun forwards).
+    # SIGTERM (torchrun shutdown, SLURM --signal=TERM@120), SIGUSR1 (torchrun forwards it only when told to with
+    # --signals_to_handle) and Ctrl-C (SIGINT): finish the step, checkpoint, leave. A second Ctrl-C leaves at
+    # once, without a checkpoint; one within a second of the first is taken for the same keypress (a process can
+    # get the terminal's SIGINT and a launcher's forwarded copy of it).
     stop_signal: list[int] = []
     first_sigint: list[float] = []
 
