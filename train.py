@@ -32,6 +32,7 @@ from swav_fast.config import ConfigError, parse_config, to_toml, trimmed_queue_l
 from swav_fast.distributed import (
     DistInfo,
     agree_any,
+    exit_process,
     first_disagreement,
     gather_objects,
     init_distributed,
@@ -478,4 +479,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -225,7 +225,7 @@ if os.environ["RANK"] == "1":  # rank 1 alone records a non-finite loss for its 
         return real(self, loss * float("nan") if len(calls) == 4 else loss)
 
     guards.LossLog.add = add
-sys.exit(train.main(sys.argv[1:]))
+train.exit_process(train.main(sys.argv[1:]))
 '''
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,7 +122,7 @@ import train
 if os.environ["RANK"] == "1":  # rank 1's node sees an empty --run_dir, as a node-local disk would be
     train.ckpt.list_checkpoints = lambda run_dir: []
     train.ckpt.load_latest = lambda run_dir, warn=print: None
-sys.exit(train.main(sys.argv[1:]))
+train.exit_process(train.main(sys.argv[1:]))
 '''
 
 
@@ -195,6 +198,32 @@ def test_shutdown_drops_ddp_reducer_before_the_group(tmp_path):
     assert not hasattr(ddp, "reducer") and not hasattr(ddp, "logger")
     shutdown(torch.nn.Linear(3, 2))  # no group, no DDP: nothing to do
 
+
+_EXIT_PROCESS = r'''
+import atexit, os, sys
+from swav_fast.distributed import exit_process, init_distributed, shutdown
+atexit.register(lambda: print("teardown ran", flush=True))
+if os.environ.get("WORLD_SIZE", "1") != "1":
+    info = init_distributed("cpu")
+    shutdown()
+sys.stdout.write("unflushed output of rank " + os.environ.get("RANK", "-"))  # no newline: still in the buffer
+exit_process(5)
+'''
+
+
+def test_exit_process_skips_the_teardown_only_after_a_process_group(tmp_path):
+    """A rank that joined a group ends with os._exit (its output flushed, its status kept): a gloo worker thread
+    that frees a collective's tensors during the interpreter's teardown aborts the process (see exit_process).
+    Without a group it is sys.exit, with the teardown."""
+    script = tmp_path / "leave.py"
+    script.write_text(_EXIT_PROCESS)
+    alone = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert alone.returncode == 5 and alone.stdout == "unflushed output of rank -teardown ran\n", alone
+    ranks = run_torchrun([str(script)], 120, {"PYTHONPATH": str(REPO)})
+    assert ranks.returncode != 0 and "exitcode  : 5" in ranks.stderr, ranks.stderr[-2000:]
+    assert "teardown ran" not in ranks.stdout
+    assert "unflushed output of rank 0" in ranks.stdout and "unflushed output of rank 1" in ranks.stdout
 
 def test_existing_run_is_not_overwritten(digits_dir, tmp_path, capsys):
     run_dir = tmp_path / "r"

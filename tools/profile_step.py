@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from swav_fast.config import Config, trimmed_queue_length  # noqa: E402
 from swav_fast.distributed import (  # noqa: E402
     DistInfo,
+    exit_process,
     gather_objects,
     init_distributed,
     release_ddp,
@@ -526,4 +527,4 @@ def run(args: argparse.Namespace, cfg: Config, info: DistInfo) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
