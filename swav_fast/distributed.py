@@ -94,6 +94,11 @@ def exit_process(code: int) -> NoReturn:
     logging's handlers are flushed."""
     if not _joined_a_group:
         sys.exit(code)
+    exit_now(code)
+
+
+def exit_now(code: int) -> NoReturn:
+    """os._exit(code) after flushing logging's handlers and the output streams (see exit_process for when)."""
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -22,6 +22,7 @@ import triton
 from conftest import free_port, needs_triton_interpreter
 from triton.backends.compiler import GPUTarget
 
+from swav_fast.distributed import exit_now
 from swav_fast.kernels import sinkhorn_triton as st
 from swav_fast.sinkhorn import sinkhorn
 
@@ -199,6 +200,7 @@ def _dist_worker(rank: int, world: int, port: int, scores: torch.Tensor, out_fil
         torch.save(results, f"{out_file}.{rank}")
     finally:
         dist.destroy_process_group()
+    exit_now(0)  # a finished rank skips the interpreter's teardown (see exit_process)
 
 
 @needs_triton_interpreter

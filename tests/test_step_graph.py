@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from conftest import free_port
 
 from swav_fast.config import Config
-from swav_fast.distributed import DistInfo, broadcast_module_, wrap_for_step_mode
+from swav_fast.distributed import DistInfo, broadcast_module_, exit_now, wrap_for_step_mode
 from swav_fast.model import SwAVModel
 from swav_fast.optim import LARS
 from swav_fast.queue import EmbeddingQueue
@@ -214,6 +214,7 @@ def _rank_worker(rank: int, world: int, port: int, backend: str, variants: list[
         torch.save(results, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
+    exit_now(0)  # a finished rank skips the interpreter's teardown (see exit_process)
 
 
 def _ranks(tmp_path, backend: str, variants: list[str], world: int = 2) -> list[dict]:

@@ -21,6 +21,7 @@ from conftest import free_port
 from torch import nn
 from torch.nn.modules._functions import SyncBatchNorm as TorchSyncBatchNormFunction
 
+from swav_fast.distributed import exit_now
 from swav_fast.model import SwAVModel
 from swav_fast.syncbn import SyncBatchNorm, _SyncBatchNormFunction, convert_sync_batchnorm
 
@@ -73,6 +74,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
         torch.save(results, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
+    exit_now(0)  # a finished rank skips the interpreter's teardown (see exit_process)
 
 
 @pytest.fixture(scope="module")
