@@ -259,9 +259,11 @@ def main(argv: list[str] | None = None) -> int:
         del state
 
     # SIGTERM (torchrun shutdown, SLURM --signal=TERM@120), SIGUSR1 (torchrun forwards it only when told to with
-    # --signals_to_handle) and Ctrl-C (SIGINT): finish the step, checkpoint, leave. A second Ctrl-C leaves at
-    # once, without a checkpoint; one within a second of the first is taken for the same keypress (a process can
-    # get the terminal's SIGINT and a launcher's forwarded copy of it).
+    # --signals_to_handle), SIGHUP (the terminal hung up: an ssh connection dropped; torchrun forwards it) and
+    # Ctrl-C (SIGINT): finish the step, checkpoint, leave. A SIGHUP that is ignored when the run starts (nohup)
+    # stays ignored. A second Ctrl-C leaves at once, without a checkpoint; one within a second of the first is
+    # taken for the same keypress (a process can get the terminal's SIGINT and a launcher's forwarded copy of it).
+    # DataLoader workers forked later inherit the handler, so a hang-up sent to the whole job does not kill them.
     stop_signal: list[int] = []
     first_sigint: list[float] = []
 
@@ -276,7 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         if signum == signal.SIGINT and info.is_main:  # os.write: safe inside a signal handler, unlike the console
             os.write(2, b"\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again: stop now, without one)\n")
 
-    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    handled = [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        handled.append(signal.SIGHUP)
+    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in handled}
 
     def save(epoch: int, step_in_epoch: int) -> Path | None:
         """Every rank takes part in the gathers; rank 0 writes."""
@@ -453,6 +458,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # ============================== export ==============================
     if info.is_main:
+        by = signal.Signals(stop_signal[0]).name if stop_signal else "(on another rank)"
+        if stop_now:
+            write_metrics({"event": "stopped_by_signal", "iteration": iteration, "signal": by})
+        for stream, error in guards.lost_output():  # the terminal or pipe went away; the run went on
+            write_metrics({"event": "output_lost", "stream": stream, "error": error})
         metrics.close()
         finished = not stop_now and last_epoch >= cfg.epochs
         if finished:
@@ -468,7 +478,6 @@ def main(argv: list[str] | None = None) -> int:
             log(f"note: no plots ({type(e).__name__}: {e}); python tools/plot_metrics.py {run_dir} makes them later",
                 highlight=False)
         if stop_now:
-            by = signal.Signals(stop_signal[0]).name if stop_signal else "(on another rank)"
             log(f"stopped by signal {by} with a checkpoint at "
                 f"iteration {iteration}; {resume_hint}", highlight=False)
         elif not finished:
@@ -479,4 +488,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    guards.guard_output()
     exit_process(main())

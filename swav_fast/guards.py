@@ -1,9 +1,12 @@
-"""Watching the loss without adding host syncs: its values reach the host by asynchronous copies, read one window
-of steps after they were made, and are checked there."""
+"""Guards of a long run. The loss, watched without adding host syncs: its values reach the host by asynchronous
+copies, read one window of steps after they were made, and are checked there. The output: a run outlives the
+terminal or pipe it prints to (OutputGuard)."""
 
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import torch
 
@@ -104,3 +107,65 @@ class LossLog:
         if event is not None:
             event.synchronize()
         return [(self.host[:n].tolist(), info)]
+
+
+class OutputGuard:
+    """sys.stdout or sys.stderr for a long run: a failing write or flush does not stop the run.
+
+    A training job outlives whoever watches it. When an ssh connection drops, the terminal is gone (writes fail
+    with EIO) and a `| tee log` in the same job dies of the hang-up too (EPIPE); an exception from a progress line
+    would then end the run before the checkpoint that SIGHUP asks for. The first error is kept in `lost`, the
+    stream's file descriptor is pointed at /dev/null (so that buffered text, C++ warnings and the interpreter's
+    last flush go nowhere instead of failing again), and later output is dropped. Everything else (isatty,
+    fileno, encoding, ...) is the wrapped stream's."""
+
+    def __init__(self, stream):
+        self.stream, self.lost = stream, None
+
+    def _lose(self, e: Exception) -> None:
+        self.lost = e
+        try:
+            fd = self.stream.fileno()
+        except (OSError, ValueError, AttributeError):  # not a file (a test's capture): nothing to redirect
+            return
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, fd)
+        finally:
+            os.close(null)
+
+    def write(self, text: str) -> int:
+        if self.lost is None:
+            try:
+                return self.stream.write(text)
+            except (OSError, ValueError) as e:  # EIO, EPIPE; ValueError: the stream was closed
+                self._lose(e)
+        return len(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        if self.lost is None:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError) as e:
+                self._lose(e)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def guard_output() -> None:
+    """Wrap sys.stdout and sys.stderr in OutputGuards (once; for scripts, before any output)."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, OutputGuard):
+            setattr(sys, name, OutputGuard(stream))
+
+
+def lost_output() -> list[tuple[str, str]]:
+    """(stream name, error) for each of sys.stdout and sys.stderr whose OutputGuard lost its output."""
+    return [(name, f"{type(g.lost).__name__}: {g.lost}") for name in ("stdout", "stderr")
+            if isinstance(g := getattr(sys, name), OutputGuard) and g.lost is not None]

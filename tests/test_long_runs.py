@@ -115,6 +115,66 @@ def test_ctrl_c_checkpoints_and_exits_cleanly(digits_dir, tmp_path, reference_ru
     assert losses_by_iteration(run_dir) == reference_run
 
 
+def test_hang_up_checkpoints_though_the_output_has_gone(digits_dir, tmp_path, reference_run):
+    """An ssh connection drops: every process of the job gets SIGHUP (DataLoader workers too) and the output has
+    nowhere to go (here: the pipes' readers close first, so every later write fails with EPIPE). The run finishes
+    its step, writes a checkpoint, exits 0 and says so in metrics.jsonl; resuming gives the uninterrupted losses."""
+    run_dir = tmp_path / "hup"
+    cmd = [sys.executable, "train.py", *TINY, *LONG, "--data_path", str(digits_dir), "--run_dir", str(run_dir),
+           "--checkpoint_every_steps", "0", "--workers", "2"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    wait_for_iteration(run_dir, proc, 5)
+    proc.stdout.close()
+    proc.stderr.close()
+    os.killpg(proc.pid, signal.SIGHUP)
+    assert proc.wait(timeout=120) == 0
+    stopped = events(run_dir, "stopped_by_signal")
+    assert len(stopped) == 1 and stopped[0]["signal"] == "SIGHUP" and stopped[0]["iteration"] >= 5
+    lost = events(run_dir, "output_lost")
+    assert [e["stream"] for e in lost] == ["stderr"] and "BrokenPipeError" in lost[0]["error"]
+    assert ckpt.load(ckpt.list_checkpoints(run_dir)[-1])["iteration"] == stopped[0]["iteration"]
+    assert not (run_dir / "trunk_resnet18.pth").exists()
+    assert train.main(["--run_dir", str(run_dir), "--resume", "auto"]) == 0
+    assert losses_by_iteration(run_dir) == reference_run
+
+
+def test_a_hang_up_ignored_at_the_start_stays_ignored(digits_dir, tmp_path, reference_run):
+    """`nohup python train.py ...`: the user asked the run to survive the hang-up, so SIGHUP changes nothing."""
+    run_dir = tmp_path / "nohup"
+    cmd = [sys.executable, "train.py", *TINY, *LONG, "--data_path", str(digits_dir), "--run_dir", str(run_dir)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    wait_for_iteration(run_dir, proc, 5)
+    proc.send_signal(signal.SIGHUP)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "stopped by signal" not in err, err[-2000:]
+    assert (run_dir / "trunk_resnet18.pth").exists() and not events(run_dir, "stopped_by_signal")
+    assert losses_by_iteration(run_dir) == reference_run
+
+
+def test_output_guard_keeps_the_run_going_when_the_reader_is_gone():
+    read, write = os.pipe()
+    stream = os.fdopen(write, "w", buffering=1)
+    guard = guards.OutputGuard(stream)
+    os.close(read)  # the reader died: the next write fails with EPIPE
+    assert guard.write("progress line\n") == len("progress line\n")
+    assert isinstance(guard.lost, BrokenPipeError)
+    # the descriptor now goes to /dev/null: the buffered text and any later writer (C++, the exit's flush) succeed
+    assert os.path.samestat(os.fstat(write), os.stat(os.devnull))
+    guard.writelines(["dropped\n"])
+    guard.flush()
+    stream.flush()
+    assert guard.isatty() is False and guard.fileno() == write  # the rest is the stream's
+    stream.close()
+
+    class Closed:
+        def write(self, text):
+            raise ValueError("I/O operation on closed file")
+
+    guard = guards.OutputGuard(Closed())
+    assert guard.write("x") == 1 and isinstance(guard.lost, ValueError)  # no file descriptor: only dropped
+
+
 def test_ctrl_c_under_torchrun_stops_every_rank_at_the_next_agreement(digits_dir, tmp_path):
     """Two ranks act on Ctrl-C together at the next --log_every step (agreed over the host-side gloo group), several
     steps later: until then the DataLoader workers, which got the SIGINT too, must go on serving batches."""
