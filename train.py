@@ -284,24 +284,41 @@ def main(argv: list[str] | None = None) -> int:
     previous_handlers = {sig: signal.signal(sig, on_signal) for sig in handled}
 
     def save(epoch: int, step_in_epoch: int) -> Path | None:
-        """Every rank takes part in the gathers; rank 0 writes."""
+        """Every rank takes part in the gathers; rank 0 writes; then the ranks agree on whether it could. A failed
+        write (a full disk, a quota) stops every rank at once: were rank 0 to stop alone, the others would wait for
+        it in the next collective until a timeout."""
         queue_state, rng_states = gather_queue(queue, info), gather_objects(ckpt.rng_state(), info)
-        if not info.is_main:
-            return None
-        return ckpt.save_checkpoint({
-            "format": ckpt.FORMAT, "epoch": epoch, "step_in_epoch": step_in_epoch, "iteration": iteration,
-            "epoch_loss_sum": epoch_loss_sum, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
-            "queue": queue_state, "rng": rng_states, "config": dataclasses.asdict(cfg),
-            "world_size": info.world_size,
-        }, run_dir, cfg.keep_checkpoints)
+        path, error = None, None
+        if info.is_main:
+            try:
+                path = ckpt.save_checkpoint({
+                    "format": ckpt.FORMAT, "epoch": epoch, "step_in_epoch": step_in_epoch, "iteration": iteration,
+                    "epoch_loss_sum": epoch_loss_sum, "model": core.state_dict(),
+                    "optimizer": optimizer.state_dict(), "queue": queue_state, "rng": rng_states,
+                    "config": dataclasses.asdict(cfg), "world_size": info.world_size,
+                }, run_dir, cfg.keep_checkpoints)
+            except OSError as e:
+                error = e
+        if agree_any([error is not None], info)[0]:
+            raise ckpt.CheckpointWriteError(f"{type(error).__name__}: {error}" if error else "failed on rank 0")
+        return path
 
     # ============================== training ==============================
     metrics = open(run_dir / "metrics.jsonl", "a") if info.is_main else None
+    metrics_failed: list[OSError] = []
 
     def write_metrics(row: dict) -> None:
-        if metrics:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+        """One JSON line into metrics.jsonl (rank 0). A failed write (a full disk) is said once and the run goes
+        on without metrics: rank 0 must not leave the others waiting, and the next checkpoint's write, which
+        would fail the same way, stops every rank with the reason (see save)."""
+        if metrics and not metrics_failed:
+            try:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+            except OSError as e:
+                metrics_failed.append(e)
+                log(f"[bold yellow]warning:[/] could not write {run_dir / 'metrics.jsonl'} ({e}); the run goes on "
+                    "without it", highlight=False)
 
     resume_hint = f"continue with: python train.py --run_dir {run_dir} --resume auto"
 
@@ -447,6 +464,13 @@ def main(argv: list[str] | None = None) -> int:
         write_metrics({"event": "non_finite_loss", "iteration": iteration, "message": str(e)})
         shutdown(model, graph_step)
         return 3
+    except ckpt.CheckpointWriteError as e:
+        log(f"[bold red]stopped:[/] could not write the checkpoint of iteration {iteration} in "
+            f"{run_dir / ckpt.CHECKPOINT_DIR} ({e}). The last good checkpoint is {last_checkpoint()}; make room (or "
+            f"fix the permissions), then {resume_hint}", highlight=False)
+        write_metrics({"event": "checkpoint_failed", "iteration": iteration, "message": str(e)})
+        shutdown(model, graph_step)
+        return 4
     except KeyboardInterrupt:  # no shutdown: the other ranks may be inside a collective this rank never joins
         log(f"[bold red]interrupted[/] at iteration {iteration}, without a checkpoint; the last one is "
             f"{last_checkpoint()}; {resume_hint}", highlight=False)
@@ -463,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
             write_metrics({"event": "stopped_by_signal", "iteration": iteration, "signal": by})
         for stream, error in guards.lost_output():  # the terminal or pipe went away; the run went on
             write_metrics({"event": "output_lost", "stream": stream, "error": error})
-        metrics.close()
+        with contextlib.suppress(OSError):  # lines a full disk refused are still in the buffer
+            metrics.close()
         finished = not stop_now and last_epoch >= cfg.epochs
         if finished:
             out = run_dir / f"trunk_{cfg.arch}.pth"

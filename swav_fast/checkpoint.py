@@ -28,6 +28,10 @@ class CheckpointError(RuntimeError):
     """An unusable checkpoint; the message names the file."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a quota, permissions); the message says why."""
+
+
 def save_atomic(obj: Any, path: str | Path) -> None:
     """torch.save so that `path` is always either the old complete file or the new complete file."""
     buf = io.BytesIO()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -269,6 +270,72 @@ def test_non_finite_loss_stops_and_names_the_step(digits_dir, tmp_path, monkeypa
     assert [ckpt.load(p)["iteration"] for p in kept] == [2, 4]  # nothing saved at or after the bad step
     assert kept[-1].name in err
     assert len(events(run_dir, "non_finite_loss")) == 1
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_clearly(digits_dir, tmp_path, monkeypatch, capsys):
+    """A full disk: the write of iteration 4's checkpoint fails; the run stops there with exit code 4, the reason
+    and the last good checkpoint, and that checkpoint resumes the run to the uninterrupted losses."""
+    real, calls = ckpt.write_atomic, []
+
+    def full_disk(data, path):
+        calls.append(path)
+        if Path(path).name == "ckpt_000000004.pth":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(data, path)
+
+    monkeypatch.setattr(ckpt, "write_atomic", full_disk)
+    run_dir = tmp_path / "full"
+    assert run(digits_dir, run_dir, *LONG) == 4
+    err = capsys.readouterr().err
+    assert "could not write the checkpoint of iteration 4" in err and "No space left on device" in err, err[-2000:]
+    assert "ckpt_000000002.pth" in err and "--resume auto" in err
+    assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["ckpt_000000002.pth"]
+    assert not list((run_dir / ckpt.CHECKPOINT_DIR).glob(".*tmp*"))  # no half-written file left behind
+    assert max(losses_by_iteration(run_dir)) == 4  # stopped at once, not an epoch later
+    assert len(events(run_dir, "checkpoint_failed")) == 1
+
+
+def test_metrics_that_cannot_be_written_do_not_stop_the_run(digits_dir, tmp_path, capsys):
+    """metrics.jsonl on a full disk (/dev/full refuses every write): said once, and the run goes on to its end."""
+    run_dir = tmp_path / "no_metrics"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").symlink_to("/dev/full")
+    assert run(digits_dir, run_dir, *LONG) == 0
+    err = capsys.readouterr().err
+    assert err.count("could not write") == 1 and "metrics.jsonl" in err and "No space left" in err
+    assert ckpt.load(ckpt.list_checkpoints(run_dir)[-1])["iteration"] == 12
+    assert (run_dir / "trunk_resnet18.pth").exists()
+
+
+_SAVE_FAILS_ON_RANK_0 = r'''
+import os, signal, sys
+sys.path.insert(0, os.getcwd())
+import train
+
+if os.environ["RANK"] == "0":  # rank 0, the writer, finds the disk full at the first checkpoint
+    def full_disk(state, run_dir, keep):
+        raise OSError(28, "No space left on device")
+
+    train.ckpt.save_checkpoint = full_disk
+else:  # the SIGTERM torchrun sends when rank 0 leaves first must not end rank 1 before it says how it left
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+code = train.main(sys.argv[1:])
+print(f"rank {os.environ['RANK']} leaves with exit code {code}", file=sys.stderr, flush=True)
+train.exit_process(code)
+'''
+
+
+def test_a_failed_checkpoint_write_stops_every_rank_together(digits_dir, tmp_path):
+    """Rank 0 alone writes: its failure reaches the other rank through the agreement after the write, so both
+    leave with exit code 4 instead of rank 1 waiting for rank 0 in the next collective."""
+    script, run_dir = tmp_path / "save_fails.py", tmp_path / "full_ddp"
+    script.write_text(_SAVE_FAILS_ON_RANK_0)
+    proc = run_torchrun([str(script), *TINY, "--batch_size", "4", "--checkpoint_every_steps", "2",
+                         "--data_path", str(digits_dir), "--run_dir", str(run_dir)], 300)
+    assert proc.returncode != 0
+    assert "could not write the checkpoint of iteration 2" in proc.stderr, proc.stderr[-3000:]
+    assert "rank 1 leaves with exit code 4" in proc.stderr  # by itself: it was told, not left waiting
+    assert ckpt.list_checkpoints(run_dir) == []
 
 
 _NAN_ON_RANK_1 = r'''
