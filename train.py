@@ -481,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, handler)
 
     # ============================== export ==============================
+    status = 0
     if info.is_main:
         by = signal.Signals(stop_signal[0]).name if stop_signal else "(on another rank)"
         if stop_now:
@@ -492,9 +493,15 @@ def main(argv: list[str] | None = None) -> int:
         finished = not stop_now and last_epoch >= cfg.epochs
         if finished:
             out = run_dir / f"trunk_{cfg.arch}.pth"
-            ckpt.export_trunk(core.state_dict(), out)
-            log(f"exported the trunk to {out} (loads into torchvision.models.{cfg.arch}(); fc.* is not included)",
-                highlight=False)
+            try:
+                ckpt.export_trunk(core.state_dict(), out)
+                log(f"exported the trunk to {out} (loads into torchvision.models.{cfg.arch}(); fc.* is not "
+                    "included)", highlight=False)
+            except OSError as e:  # the last checkpoint holds the weights; resuming the finished run exports them
+                log(f"[bold red]error:[/] could not write the trunk {out} ({type(e).__name__}: {e}). The last "
+                    f"checkpoint holds the trained weights: make room, then {resume_hint} writes it",
+                    highlight=False)
+                status = 4
         try:  # plots are a convenience: a missing matplotlib or a plotting error must not fail the run
             from tools.plot_metrics import plot_run
 
@@ -509,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"stopped after epoch {last_epoch} of {cfg.epochs} as asked (--stop_after_epoch); {resume_hint}",
                 highlight=False)
     shutdown(model, graph_step)
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -83,11 +83,12 @@ def exit_process(code: int) -> NoReturn:
     needs the GIL. If the main thread has started the interpreter's teardown by then, the thread is ended inside
     C++ code that cannot be unwound: std::terminate, SIGABRT ("terminate called without an active exception"), so
     a rank that finished its work is reported to torchrun as crashed, and may hide the exit status that says why
-    the run stopped. Seen on this machine (torch 2.14, gloo, 2 ranks) in 3 of 45 runs of a rank that stops on a
-    non-finite loss a millisecond after its last collective; the core dump shows the worker thread in
-    ~AsyncAllreduceWork, taking the GIL (pytorch/pytorch#190489 describes the same window). destroy_process_group
-    does not stop gloo's threads while Python objects still refer to the group, and freeing the group from Python
-    would wait for those threads with the GIL held (see shutdown()). os._exit ends every thread at once.
+    the run stopped. Seen on this machine (torch 2.14, gloo, 2 ranks) in 6 of 82 runs of a rank that stops on a
+    non-finite loss a millisecond after its last collective (0 of 72 with os._exit); the core dump shows the worker
+    thread in ~AsyncAllreduceWork, taking the GIL (pytorch/pytorch#190489 describes the same window).
+    destroy_process_group does not stop gloo's threads while Python objects still refer to the group, and freeing
+    the group from Python would wait for those threads with the GIL held (see shutdown()). os._exit ends every
+    thread at once.
 
     What the teardown would still have done is done before: the group is left, checkpoints, metrics and exports
     are written and closed by main(), the data loaders are closed with main()'s frame; here the output streams and

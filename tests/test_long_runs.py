@@ -295,6 +295,26 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_clearly(digits_dir, t
     assert len(events(run_dir, "checkpoint_failed")) == 1
 
 
+def test_a_trunk_that_cannot_be_written_is_written_by_resuming(digits_dir, tmp_path, monkeypatch, capsys):
+    real = ckpt.export_trunk
+
+    def full_disk(state, path):  # the disk fills during the run: the initial trunk was written
+        if Path(path).name == "trunk_resnet18.pth":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(state, path)
+
+    run_dir = tmp_path / "no_trunk"
+    with monkeypatch.context() as m:
+        m.setattr(ckpt, "export_trunk", full_disk)
+        assert run(digits_dir, run_dir) == 4
+    err = capsys.readouterr().err
+    assert "could not write the trunk" in err and "No space left on device" in err and "--resume auto" in err
+    assert not (run_dir / "trunk_resnet18.pth").exists()
+    assert train.main(["--run_dir", str(run_dir), "--resume", "auto"]) == 0  # the finished run: export only
+    assert "nothing to train" in capsys.readouterr().err
+    assert (run_dir / "trunk_resnet18.pth").exists()
+
+
 def test_metrics_that_cannot_be_written_do_not_stop_the_run(digits_dir, tmp_path, capsys):
     """metrics.jsonl on a full disk (/dev/full refuses every write): said once, and the run goes on to its end."""
     run_dir = tmp_path / "no_metrics"
