@@ -471,6 +471,19 @@ def main(argv: list[str] | None = None) -> int:
         write_metrics({"event": "checkpoint_failed", "iteration": iteration, "message": str(e)})
         shutdown(model, graph_step)
         return 4
+    except torch.OutOfMemoryError as e:  # torch.cuda.OutOfMemoryError; no shutdown, as for KeyboardInterrupt
+        # said by the rank that ran out (possibly not rank 0), with what a user can change
+        peak = f", {torch.cuda.max_memory_allocated(info.device) / 2**30:.1f} GiB at the peak" if on_cuda else ""
+        console.print(
+            f"[bold red]stopped:[/] out of memory{f' on rank {info.rank}' if info.world_size > 1 else ''} at "
+            f"iteration {iteration} ({cfg.batch_size} images x {sum(cfg.nmb_crops)} crops per rank, --step_mode "
+            f"{cfg.step_mode}{peak}): {str(e).splitlines()[0] if str(e) else type(e).__name__}. To train the same "
+            "recipe with less memory per GPU, spread its global batch over more GPUs (a smaller --batch_size "
+            "each); a captured graph (--step_mode graph) keeps a memory pool of its own, --step_mode eager does "
+            "not; PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True helps when free memory is fragmented. The last "
+            f"checkpoint is {last_checkpoint()}.", highlight=False)
+        write_metrics({"event": "out_of_memory", "iteration": iteration, "message": str(e)})
+        return 5
     except KeyboardInterrupt:  # no shutdown: the other ranks may be inside a collective this rank never joins
         log(f"[bold red]interrupted[/] at iteration {iteration}, without a checkpoint; the last one is "
             f"{last_checkpoint()}; {resume_hint}", highlight=False)

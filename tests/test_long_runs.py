@@ -315,6 +315,25 @@ def test_a_trunk_that_cannot_be_written_is_written_by_resuming(digits_dir, tmp_p
     assert (run_dir / "trunk_resnet18.pth").exists()
 
 
+def test_out_of_memory_stops_with_what_to_change(digits_dir, tmp_path, monkeypatch, capsys):
+    real, calls = train.train_step, []
+
+    def oom(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", oom)
+    run_dir = tmp_path / "oom"
+    assert run(digits_dir, run_dir, *LONG) == 5
+    err = capsys.readouterr().err
+    assert "out of memory at iteration 3 (8 images x 4 crops per rank, --step_mode eager)" in err, err[-2000:]
+    assert "Tried to allocate 2.00 GiB." in err and "more detail" not in err
+    assert "ckpt_000000002.pth" in err and "--batch_size" in err
+    assert [e["iteration"] for e in events(run_dir, "out_of_memory")] == [3]
+
+
 def test_metrics_that_cannot_be_written_do_not_stop_the_run(digits_dir, tmp_path, capsys):
     """metrics.jsonl on a full disk (/dev/full refuses every write): said once, and the run goes on to its end."""
     run_dir = tmp_path / "no_metrics"
