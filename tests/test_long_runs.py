@@ -176,9 +176,11 @@ def test_output_guard_keeps_the_run_going_when_the_reader_is_gone():
     assert guard.write("x") == 1 and isinstance(guard.lost, ValueError)  # no file descriptor: only dropped
 
 
-def test_ctrl_c_under_torchrun_stops_every_rank_at_the_next_agreement(digits_dir, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+def test_ctrl_c_under_torchrun_stops_every_rank_at_the_next_agreement(digits_dir, tmp_path, sig):
     """Two ranks act on Ctrl-C together at the next --log_every step (agreed over the host-side gloo group), several
-    steps later: until then the DataLoader workers, which got the SIGINT too, must go on serving batches."""
+    steps later: until then the DataLoader workers, which got the SIGINT too, must go on serving batches. A hang-up
+    (SIGHUP to torchrun's group, as when the terminal closes) is forwarded by torchrun and handled the same way."""
     run_dir = tmp_path / "ctrl_c_ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # 100 images, 2 ranks x 4: 2 epochs of 12 steps; loss windows of 8 steps (each epoch starts one)
@@ -192,10 +194,10 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_the_next_agreement(digits_dir
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.05)
     # early in epoch 2 (the ranks agree at its step 8 or 12); torchrun forwards a second SIGINT to each rank
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, sig)
     _, err = proc.communicate(timeout=240)
     # torchrun itself exits 1 after a signal (its SignalException), once the ranks have left
-    assert "stopped by signal SIGINT with a checkpoint" in err, err[-3000:]
+    assert f"stopped by signal {sig.name} with a checkpoint" in err, err[-3000:]
     assert "interrupted at iteration" not in err and "KeyboardInterrupt" not in err  # no rank took it for a 2nd press
     state = ckpt.load(ckpt.list_checkpoints(run_dir)[-1])
     assert state["iteration"] in (12 + 8, 12 + 12) and state["world_size"] == 2
