@@ -128,12 +128,21 @@ def main(argv: list[str] | None = None) -> int:
             "or choose another --run_dir", highlight=False)
         shutdown()
         return 2
+    unwritable = None
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(cfg))
-        (run_dir / "run_info.json").write_text(json.dumps({
-            "git_revision": git_revision(), "world_size": info.world_size, "device": str(info.device),
-            "torch": torch.__version__, "argv": sys.argv if argv is None else argv}, indent=1))
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.toml").write_text(to_toml(cfg))
+            (run_dir / "run_info.json").write_text(json.dumps({
+                "git_revision": git_revision(), "world_size": info.world_size, "device": str(info.device),
+                "torch": torch.__version__, "argv": sys.argv if argv is None else argv}, indent=1))
+        except OSError as e:  # permissions, a full disk, a file in the way
+            unwritable = e
+    if agree_any([unwritable is not None], info)[0]:  # every rank stops, none waits for rank 0
+        log(f"[bold red]error:[/] cannot write in --run_dir {run_dir} ({type(unwritable).__name__}: {unwritable}); "
+            "choose a directory this user can write, with free space", highlight=False)
+        shutdown()
+        return 2
     torch.manual_seed(cfg.seed)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_cuda)
     autocast = torch.autocast(info.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()

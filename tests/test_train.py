@@ -245,6 +245,14 @@ def test_bad_data_directory_fails_clearly(tmp_path, capsys, what):
     assert not ckpt.list_checkpoints(tmp_path / "r")
 
 
+def test_run_directory_that_cannot_be_written_fails_clearly(digits_dir, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("in the way")
+    run_dir = tmp_path / "a_file" / "run"
+    assert run(digits_dir, run_dir) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write in --run_dir {run_dir}" in err and "NotADirectoryError" in err, err[-2000:]
+
+
 def test_bad_config_value_fails_before_any_work(digits_dir, tmp_path, capsys):
     assert run(digits_dir, tmp_path / "r", "--crops_for_assign", "0", "7") == 2
     err = capsys.readouterr().err
