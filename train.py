@@ -32,10 +32,10 @@ from swav_fast.config import ConfigError, parse_config, to_toml, trimmed_queue_l
 from swav_fast.distributed import (
     DistInfo,
     agree_any,
-    exit_process,
     first_disagreement,
     gather_objects,
     init_distributed,
+    run_main,
     shutdown,
     syncbn_group,
     world_size_from_env,
@@ -128,6 +128,16 @@ def main(argv: list[str] | None = None) -> int:
             "or choose another --run_dir", highlight=False)
         shutdown()
         return 2
+
+    def run_dir_unwritable(error: OSError | None) -> bool:
+        """Whether rank 0 failed to write in the run directory (`error`, None elsewhere), agreed by every rank so
+        that none waits for a rank 0 that has stopped; said once."""
+        if not agree_any([error is not None], info)[0]:
+            return False
+        log(f"[bold red]error:[/] cannot write in --run_dir {run_dir} ({type(error).__name__}: {error}); choose a "
+            "directory this user can write, with free space", highlight=False)
+        return True
+
     unwritable = None
     if info.is_main:
         try:
@@ -136,11 +146,10 @@ def main(argv: list[str] | None = None) -> int:
             (run_dir / "run_info.json").write_text(json.dumps({
                 "git_revision": git_revision(), "world_size": info.world_size, "device": str(info.device),
                 "torch": torch.__version__, "argv": sys.argv if argv is None else argv}, indent=1))
+            open(run_dir / "metrics.jsonl", "a").close()  # opened again for the training below
         except OSError as e:  # permissions, a full disk, a file in the way
             unwritable = e
-    if agree_any([unwritable is not None], info)[0]:  # every rank stops, none waits for rank 0
-        log(f"[bold red]error:[/] cannot write in --run_dir {run_dir} ({type(unwritable).__name__}: {unwritable}); "
-            "choose a directory this user can write, with free space", highlight=False)
+    if run_dir_unwritable(unwritable):
         shutdown()
         return 2
     torch.manual_seed(cfg.seed)
@@ -187,9 +196,17 @@ def main(argv: list[str] | None = None) -> int:
     channels_last = cfg.channels_last and on_cuda
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if fresh and info.is_main:
+    if fresh:
         # the exact starting point, for "before vs after" evaluations (tools/knn_eval.py --baseline)
-        ckpt.export_trunk(model.state_dict(), run_dir / f"trunk_init_{cfg.arch}.pth")
+        unwritable = None
+        if info.is_main:
+            try:
+                ckpt.export_trunk(model.state_dict(), run_dir / f"trunk_init_{cfg.arch}.pth")
+            except OSError as e:  # tens of MB, where config.toml's few KB still fitted
+                unwritable = e
+        if run_dir_unwritable(unwritable):
+            shutdown()
+            return 2
     core = model
     # eager: DDP; compile, graph: the step all-reduces the gradients itself, so that it stays one graph
     model, grad_group = wrap_for_step_mode(model, cfg.step_mode, info)
@@ -285,12 +302,18 @@ def main(argv: list[str] | None = None) -> int:
             first_sigint.append(time.monotonic())
         stop_signal.append(signum)
         if signum == signal.SIGINT and info.is_main:  # os.write: safe inside a signal handler, unlike the console
-            os.write(2, b"\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again: stop now, without one)\n")
+            with contextlib.suppress(OSError):  # a `| tee` the same Ctrl-C ended: the message has nowhere to go
+                os.write(2, b"\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again: stop now, "
+                         b"without one)\n")
 
     handled = [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT]
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
         handled.append(signal.SIGHUP)
     previous_handlers = {sig: signal.signal(sig, on_signal) for sig in handled}
+
+    def restore_signal_handlers() -> None:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
 
     def save(epoch: int, step_in_epoch: int) -> Path | None:
         """Every rank takes part in the gathers; rank 0 writes; then the ranks agree on whether it could. A failed
@@ -306,9 +329,11 @@ def main(argv: list[str] | None = None) -> int:
                     "optimizer": optimizer.state_dict(), "queue": queue_state, "rng": rng_states,
                     "config": dataclasses.asdict(cfg), "world_size": info.world_size,
                 }, run_dir, cfg.keep_checkpoints)
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - told to every rank first, then raised as what it is
                 error = e
         if agree_any([error is not None], info)[0]:
+            if error is not None and not isinstance(error, OSError):
+                raise error  # not the disk: a bug, with its traceback (the other ranks stop with exit code 4)
             raise ckpt.CheckpointWriteError(f"{type(error).__name__}: {error}" if error else "failed on rank 0")
         return path
 
@@ -499,8 +524,8 @@ def main(argv: list[str] | None = None) -> int:
         write_metrics({"event": "interrupted", "iteration": iteration})
         return 130
     finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
+        if not stop_now:  # stopping on a signal: a second one (a hang-up often comes twice) must not cut the end
+            restore_signal_handlers()
 
     # ============================== export ==============================
     status = 0
@@ -538,9 +563,10 @@ def main(argv: list[str] | None = None) -> int:
             log(f"stopped after epoch {last_epoch} of {cfg.epochs} as asked (--stop_after_epoch); {resume_hint}",
                 highlight=False)
     shutdown(model, graph_step)
+    restore_signal_handlers()
     return status
 
 
 if __name__ == "__main__":
     guards.guard_output()
-    exit_process(main())
+    run_main(main)

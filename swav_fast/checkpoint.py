@@ -76,7 +76,11 @@ def save_checkpoint(state: dict, run_dir: str | Path, keep: int) -> Path:
     data = buf.getvalue()
     write_atomic(data, path)
     # the sidecar comes second: a checkpoint without one was interrupted and is not trusted
-    write_atomic(f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode(), _sidecar(path))
+    try:
+        write_atomic(f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode(), _sidecar(path))
+    except BaseException:  # e.g. a full disk: leave no checkpoint that looks newest but cannot be loaded
+        path.unlink(missing_ok=True)
+        raise
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
         _sidecar(old).unlink(missing_ok=True)

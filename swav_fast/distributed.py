@@ -6,6 +6,7 @@ import inspect
 import logging
 import os
 import sys
+import traceback
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -96,6 +97,17 @@ def exit_process(code: int) -> NoReturn:
     if not _joined_a_group:
         sys.exit(code)
     exit_now(code)
+
+
+def run_main(main) -> NoReturn:
+    """A script's end: exit_process(main()). An unexpected exception is printed with its traceback and ends the
+    process with status 1 the same way, so that under torchrun it too avoids the teardown abort."""
+    try:
+        code = main()
+    except Exception:  # noqa: BLE001 - reported here, as the interpreter would have
+        traceback.print_exc()
+        code = 1
+    exit_process(code)
 
 
 def exit_now(code: int) -> NoReturn:

@@ -274,25 +274,27 @@ def test_non_finite_loss_stops_and_names_the_step(digits_dir, tmp_path, monkeypa
     assert len(events(run_dir, "non_finite_loss")) == 1
 
 
-def test_a_checkpoint_that_cannot_be_written_stops_the_run_clearly(digits_dir, tmp_path, monkeypatch, capsys):
-    """A full disk: the write of iteration 4's checkpoint fails; the run stops there with exit code 4, the reason
-    and the last good checkpoint, and that checkpoint resumes the run to the uninterrupted losses."""
-    real, calls = ckpt.write_atomic, []
+@pytest.mark.parametrize("fails", ["checkpoint", "checksum file"])
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_clearly(digits_dir, tmp_path, monkeypatch, capsys, fails):
+    """A full disk: writing iteration 4's checkpoint fails after its bytes went into the temporary file (at the
+    fsync), or its checksum file cannot be written after it. The run stops there with exit code 4, the reason and
+    the last good checkpoint; neither the temporary file nor a checkpoint without its checksum is left."""
+    doomed = "ckpt_000000004.pth" if fails == "checkpoint" else "ckpt_000000004.pth.sha256"
+    real_fsync = os.fsync
 
-    def full_disk(data, path):
-        calls.append(path)
-        if Path(path).name == "ckpt_000000004.pth":
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real(data, path)
+    def full_disk(fd):
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).name.startswith(f".{doomed}.tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
 
-    monkeypatch.setattr(ckpt, "write_atomic", full_disk)
+    monkeypatch.setattr(ckpt.os, "fsync", full_disk)
     run_dir = tmp_path / "full"
     assert run(digits_dir, run_dir, *LONG) == 4
     err = capsys.readouterr().err
     assert "could not write the checkpoint of iteration 4" in err and "No space left on device" in err, err[-2000:]
     assert "ckpt_000000002.pth" in err and "--resume auto" in err
-    assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["ckpt_000000002.pth"]
-    assert not list((run_dir / ckpt.CHECKPOINT_DIR).glob(".*tmp*"))  # no half-written file left behind
+    assert sorted(p.name for p in (run_dir / ckpt.CHECKPOINT_DIR).iterdir()) == [
+        "ckpt_000000002.pth", "ckpt_000000002.pth.sha256"]  # no temporary file, no unchecked checkpoint
     assert max(losses_by_iteration(run_dir)) == 4  # stopped at once, not an epoch later
     assert len(events(run_dir, "checkpoint_failed")) == 1
 
@@ -362,7 +364,7 @@ else:  # the SIGTERM torchrun sends when rank 0 leaves first must not end rank 1
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 code = train.main(sys.argv[1:])
 print(f"rank {os.environ['RANK']} leaves with exit code {code}", file=sys.stderr, flush=True)
-train.exit_process(code)
+train.run_main(lambda: code)
 '''
 
 
@@ -393,7 +395,7 @@ if os.environ["RANK"] == "1":  # rank 1 alone records a non-finite loss for its 
         return real(self, loss * float("nan") if len(calls) == 4 else loss)
 
     guards.LossLog.add = add
-train.exit_process(train.main(sys.argv[1:]))
+train.run_main(lambda: train.main(sys.argv[1:]))
 '''
 
 

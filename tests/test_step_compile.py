@@ -241,7 +241,7 @@ def sinkhorn_function(impl):  # Sinkhorn alone (its 40 rows; the steps' have few
 
 
 profile_step.train_step, swav_fast.step.sinkhorn_function = train_step, sinkhorn_function
-profile_step.exit_process(profile_step.main(sys.argv[1:]))
+profile_step.run_main(lambda: profile_step.main(sys.argv[1:]))
 '''
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -122,7 +123,7 @@ import train
 if os.environ["RANK"] == "1":  # rank 1's node sees an empty --run_dir, as a node-local disk would be
     train.ckpt.list_checkpoints = lambda run_dir: []
     train.ckpt.load_latest = lambda run_dir, warn=print: None
-train.exit_process(train.main(sys.argv[1:]))
+train.run_main(lambda: train.main(sys.argv[1:]))
 '''
 
 
@@ -200,21 +201,32 @@ def test_shutdown_drops_ddp_reducer_before_the_group(tmp_path):
 
 
 _EXIT_PROCESS = r'''
-import atexit, os, sys
-from swav_fast.distributed import exit_process, init_distributed, shutdown
+import atexit, os, signal, sys
+from swav_fast.distributed import init_distributed, run_main, shutdown
 atexit.register(lambda: print("teardown ran", flush=True))
-if os.environ.get("WORLD_SIZE", "1") != "1":
-    info = init_distributed("cpu")
-    shutdown()
-sys.stdout.write("unflushed output of rank " + os.environ.get("RANK", "-"))  # no newline: still in the buffer
-exit_process(5)
+# torchrun sends SIGTERM to the ranks still running when one leaves: each must leave by itself here
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def main():
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        init_distributed("cpu")
+        shutdown()
+    sys.stdout.write("unflushed output of rank " + os.environ.get("RANK", "-"))  # no newline: still buffered
+    if os.environ.get("RANK") == "1":
+        raise RuntimeError("an unexpected error")
+    return 5
+
+
+run_main(main)
 '''
 
 
-def test_exit_process_skips_the_teardown_only_after_a_process_group(tmp_path):
-    """A rank that joined a group ends with os._exit (its output flushed, its status kept): a gloo worker thread
-    that frees a collective's tensors during the interpreter's teardown aborts the process (see exit_process).
-    Without a group it is sys.exit, with the teardown."""
+def test_run_main_skips_the_teardown_only_after_a_process_group(tmp_path):
+    """A rank that joined a group ends with os._exit (its output flushed, its status kept, an unexpected error
+    printed with its traceback and status 1): a gloo worker thread that frees a collective's tensors during the
+    interpreter's teardown aborts the process (see exit_process). Without a group it is sys.exit, with the
+    teardown."""
     script = tmp_path / "leave.py"
     script.write_text(_EXIT_PROCESS)
     alone = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
@@ -222,8 +234,10 @@ def test_exit_process_skips_the_teardown_only_after_a_process_group(tmp_path):
     assert alone.returncode == 5 and alone.stdout == "unflushed output of rank -teardown ran\n", alone
     ranks = run_torchrun([str(script)], 120, {"PYTHONPATH": str(REPO)})
     assert ranks.returncode != 0 and "exitcode  : 5" in ranks.stderr, ranks.stderr[-2000:]
+    assert "exitcode  : 1" in ranks.stderr and "RuntimeError: an unexpected error" in ranks.stderr
     assert "teardown ran" not in ranks.stdout
     assert "unflushed output of rank 0" in ranks.stdout and "unflushed output of rank 1" in ranks.stdout
+
 
 def test_existing_run_is_not_overwritten(digits_dir, tmp_path, capsys):
     run_dir = tmp_path / "r"
@@ -251,6 +265,18 @@ def test_run_directory_that_cannot_be_written_fails_clearly(digits_dir, tmp_path
     assert run(digits_dir, run_dir) == 2
     err = capsys.readouterr().err
     assert f"cannot write in --run_dir {run_dir}" in err and "NotADirectoryError" in err, err[-2000:]
+
+
+def test_initial_trunk_that_cannot_be_written_fails_clearly(digits_dir, tmp_path, monkeypatch, capsys):
+    def full_disk(state, path):  # config.toml's few KB fitted, the trunk's MB do not
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(ckpt, "export_trunk", full_disk)
+    run_dir = tmp_path / "r"
+    assert run(digits_dir, run_dir) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write in --run_dir {run_dir}" in err and "trunk_init_resnet18.pth" in err, err[-2000:]
+    assert not ckpt.list_checkpoints(run_dir)
 
 
 def test_bad_config_value_fails_before_any_work(digits_dir, tmp_path, capsys):

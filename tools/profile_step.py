@@ -51,10 +51,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from swav_fast.config import Config, trimmed_queue_length  # noqa: E402
 from swav_fast.distributed import (  # noqa: E402
     DistInfo,
-    exit_process,
     gather_objects,
     init_distributed,
     release_ddp,
+    run_main,
     shutdown,
     syncbn_group,
     world_size_from_env,
@@ -527,4 +527,4 @@ def run(args: argparse.Namespace, cfg: Config, info: DistInfo) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    run_main(main)
