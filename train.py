@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     # Per-step losses stay on the device; every log_every steps they are copied to the host without waiting and
     # read one window later (guards.LossLog), or at once before a checkpoint and at the end of an epoch.
     losses = guards.LossLog(cfg.log_every, info.device)
-    last_ckpt_time, stop_now = time.monotonic(), False
+    last_ckpt_time, stop_now, trained = time.monotonic(), False, False
     # A non-finite loss is kept here until the ranks agree (each checks only its own losses, and one rank may see
     # it a window before the others); then every rank stops together, none left waiting in a collective.
     non_finite: list[guards.NonFiniteLoss] = []
@@ -491,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
                     highlight=False)
                 if stop_now:
                     break
+        trained = True
     except guards.NonFiniteLoss as e:
         log(f"[bold red]stopped:[/] {e}. Nothing was saved after it; the last good checkpoint is "
             f"{last_checkpoint()}. Common causes: too high a learning rate, fp16 overflow, "
@@ -524,7 +525,9 @@ def main(argv: list[str] | None = None) -> int:
         write_metrics({"event": "interrupted", "iteration": iteration})
         return 130
     finally:
-        if not stop_now:  # stopping on a signal: a second one (a hang-up often comes twice) must not cut the end
+        # leaving on a signal with a checkpoint: keep the handlers to the end, a second signal (a hang-up often
+        # comes twice) must not cut the export or the shutdown short
+        if not (trained and stop_now):
             restore_signal_handlers()
 
     # ============================== export ==============================

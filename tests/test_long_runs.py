@@ -139,6 +139,48 @@ def test_hang_up_checkpoints_though_the_output_has_gone(digits_dir, tmp_path, re
     assert losses_by_iteration(run_dir) == reference_run
 
 
+_SECOND_SIGNAL = r'''
+import os, signal, sys
+sys.path.insert(0, os.getcwd())
+import train
+from swav_fast import step
+
+real_loss, calls, real_shutdown = step.swapped_prediction_loss, [], train.shutdown
+
+
+def loss(*args, **kwargs):  # the first hang-up, during the 6th step
+    calls.append(1)
+    if len(calls) == 6:
+        os.kill(os.getpid(), signal.SIGHUP)
+    return real_loss(*args, **kwargs)
+
+
+def shutdown(*args, **kwargs):  # the second one, while the run is leaving
+    os.kill(os.getpid(), signal.SIGHUP)
+    return real_shutdown(*args, **kwargs)
+
+
+step.swapped_prediction_loss, train.shutdown = loss, shutdown
+handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+code = train.main(sys.argv[1:])
+assert {sig: signal.getsignal(sig) for sig in handlers} == handlers, "handlers not restored"
+sys.exit(code)
+'''
+
+
+def test_a_second_hang_up_while_leaving_does_not_cut_the_end(digits_dir, tmp_path):
+    """A hang-up often comes twice (the kernel's, then the shell's to its jobs); the second one, after the
+    checkpoint, must not kill the run while it leaves. main() restores the signal handlers it found."""
+    script, run_dir = tmp_path / "twice.py", tmp_path / "hup_twice"
+    script.write_text(_SECOND_SIGNAL)
+    proc = subprocess.run([sys.executable, str(script), *TINY, *LONG, "--data_path", str(digits_dir), "--run_dir",
+                           str(run_dir), "--checkpoint_every_steps", "0"], cwd=REPO, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "stopped by signal SIGHUP with a checkpoint at iteration 6" in proc.stderr
+    assert [e["signal"] for e in events(run_dir, "stopped_by_signal")] == ["SIGHUP"]
+
+
 def test_a_hang_up_ignored_at_the_start_stays_ignored(digits_dir, tmp_path, reference_run):
     """`nohup python train.py ...`: the user asked the run to survive the hang-up, so SIGHUP changes nothing."""
     run_dir = tmp_path / "nohup"
