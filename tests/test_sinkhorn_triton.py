@@ -198,6 +198,7 @@ def _dist_worker(rank: int, world: int, port: int, scores: torch.Tensor, out_fil
             results[n_iters] = (codes, list(calls))
         dist.all_reduce = real_all_reduce
         torch.save(results, f"{out_file}.{rank}")
+        dist.barrier()  # rank 0 hosts the store: none may leave while another still uses it (exit_now is immediate)
     finally:
         dist.destroy_process_group()
     exit_now(0)  # a finished rank skips the interpreter's teardown (see exit_process)

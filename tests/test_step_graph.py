@@ -212,6 +212,7 @@ def _rank_worker(rank: int, world: int, port: int, backend: str, variants: list[
             if isinstance(core, GraphStep):
                 core.close()  # before destroy_process_group, which waits for graphs holding NCCL collectives
         torch.save(results, f"{out}.{rank}")
+        dist.barrier()  # rank 0 hosts the store: none may leave while another still uses it (exit_now is immediate)
     finally:
         dist.destroy_process_group()
     exit_now(0)  # a finished rank skips the interpreter's teardown (see exit_process)

@@ -72,6 +72,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
         results["grouped"] = (type(grouped).__module__, dist.get_process_group_ranks(grouped.process_group))
         results["whole"] = syncbn_group(info, 0)
         torch.save(results, f"{out}.{rank}")
+        dist.barrier()  # rank 0 hosts the store: none may leave while another still uses it (exit_now is immediate)
     finally:
         dist.destroy_process_group()
     exit_now(0)  # a finished rank skips the interpreter's teardown (see exit_process)
