@@ -133,10 +133,11 @@ def test_convert_makes_every_batchnorm_ours_and_keeps_the_state():
 
 
 _COMPILE_PROBE = r'''
-import os, sys
+import sys
 sys.path.insert(0, sys.argv[1])
 import torch, torch.distributed as dist
 import syncbn_standins
+from swav_fast.distributed import exit_now
 from swav_fast.syncbn import convert_sync_batchnorm
 
 syncbn_standins.register()
@@ -157,11 +158,11 @@ for p in bn.parameters():
 torch._dynamo.config.trace_autograd_ops = True
 got = torch.compile(step, fullgraph=True, backend="aot_eager")(x)
 same = torch.allclose(got, expected) and all(torch.allclose(p.grad, g) for p, g in zip(bn.parameters(), grads))
-print("TRACED", same, flush=True)
+print("TRACED", same)
 dist.barrier()
 # no interpreter teardown: with torch 2.11 it sometimes aborts there ("terminate called without an active exception",
 # seen once in the full suite), which is not what this probe checks
-os._exit(0)
+exit_now(0)
 '''
 
 

@@ -33,7 +33,6 @@ import contextlib
 import copy
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -51,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from swav_fast.config import Config, trimmed_queue_length  # noqa: E402
 from swav_fast.distributed import (  # noqa: E402
     DistInfo,
+    exit_now,
     gather_objects,
     init_distributed,
     release_ddp,
@@ -409,9 +409,8 @@ def stop_every_rank(what: str, info: DistInfo, e: Exception) -> NoReturn:
     time out). Rank 0's JSON keeps what was measured before."""
     traceback.print_exc()
     print(f"{what} failed on rank {info.rank}: {type(e).__name__}: {e}; stopping every rank",
-          file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(1)
+          file=sys.stderr)
+    exit_now(1)
 
 
 def print_table(args: argparse.Namespace, cfg: Config, info: DistInfo, rows: list[dict], device_name: str,
