@@ -53,9 +53,10 @@ def reference_run(digits_dir, tmp_path_factory) -> dict[int, float]:
     return losses
 
 
-def start(digits_dir: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
+def start(digits_dir: Path, run_dir: Path, *extra: str, **popen) -> subprocess.Popen:
+    """train.py with the LONG settings as a child process, output captured; `popen`: more Popen arguments."""
     cmd = [sys.executable, "train.py", *TINY, *LONG, "--data_path", str(digits_dir), "--run_dir", str(run_dir), *extra]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
 def wait_for_iteration(run_dir: Path, proc: subprocess.Popen, iteration: int, timeout: float = 240) -> None:
@@ -101,10 +102,8 @@ def test_ctrl_c_checkpoints_and_exits_cleanly(digits_dir, tmp_path, reference_ru
     """Ctrl-C in a terminal sends SIGINT to the whole process group, DataLoader workers included: the run finishes
     its step, writes a checkpoint and exits 0, and resuming it gives the uninterrupted run's losses."""
     run_dir = tmp_path / "ctrl_c"
-    cmd = [sys.executable, "train.py", *TINY, *LONG, "--data_path", str(digits_dir), "--run_dir", str(run_dir),
-           "--checkpoint_every_steps", "0", "--workers", "2"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # its own process group, as a terminal's foreground job
+    proc = start(digits_dir, run_dir, "--checkpoint_every_steps", "0", "--workers", "2",
+                 start_new_session=True)  # its own process group, as a terminal's foreground job
     wait_for_iteration(run_dir, proc, 5)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -121,9 +120,7 @@ def test_hang_up_checkpoints_though_the_output_has_gone(digits_dir, tmp_path, re
     nowhere to go (here: the pipes' readers close first, so every later write fails with EPIPE). The run finishes
     its step, writes a checkpoint, exits 0 and says so in metrics.jsonl; resuming gives the uninterrupted losses."""
     run_dir = tmp_path / "hup"
-    cmd = [sys.executable, "train.py", *TINY, *LONG, "--data_path", str(digits_dir), "--run_dir", str(run_dir),
-           "--checkpoint_every_steps", "0", "--workers", "2"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = start(digits_dir, run_dir, "--checkpoint_every_steps", "0", "--workers", "2", start_new_session=True)
     wait_for_iteration(run_dir, proc, 5)
     proc.stdout.close()
     proc.stderr.close()
@@ -184,9 +181,7 @@ def test_a_second_hang_up_while_leaving_does_not_cut_the_end(digits_dir, tmp_pat
 def test_a_hang_up_ignored_at_the_start_stays_ignored(digits_dir, tmp_path, reference_run):
     """`nohup python train.py ...`: the user asked the run to survive the hang-up, so SIGHUP changes nothing."""
     run_dir = tmp_path / "nohup"
-    cmd = [sys.executable, "train.py", *TINY, *LONG, "--data_path", str(digits_dir), "--run_dir", str(run_dir)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    proc = start(digits_dir, run_dir, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
     wait_for_iteration(run_dir, proc, 5)
     proc.send_signal(signal.SIGHUP)
     _, err = proc.communicate(timeout=120)
