@@ -81,6 +81,26 @@ def device_config_problem(cfg, on_cuda: bool) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except torch.OutOfMemoryError as e:
+        # The training loop reports its own (with the iteration, exit code 5 as here). This one came before it:
+        # building the model or the data pipeline, loading a checkpoint, DDP's first broadcast. The usual cause is
+        # a GPU that another process holds.
+        rank = f" on rank {os.environ['RANK']}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        held = ""
+        if torch.cuda.is_available():
+            with contextlib.suppress(Exception):  # a CUDA context that cannot even answer this
+                free, total = torch.cuda.mem_get_info()
+                held = (f" The GPU has {free / 2**30:.1f} of {total / 2**30:.1f} GiB free: if another process holds "
+                        "it (nvidia-smi lists them), wait for it or choose another GPU (CUDA_VISIBLE_DEVICES).")
+        Console(stderr=True, soft_wrap=True).print(
+            f"[bold red]stopped:[/] out of memory{rank} before training started: "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}.{held}", highlight=False)
+        return 5
+
+
+def _main(argv: list[str] | None) -> int:
     console = Console(stderr=True, soft_wrap=True)
     # ============================== setup ==============================
     try:

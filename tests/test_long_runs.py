@@ -375,6 +375,22 @@ def test_out_of_memory_stops_with_what_to_change(digits_dir, tmp_path, monkeypat
     assert [e["iteration"] for e in events(run_dir, "out_of_memory")] == [3]
 
 
+def test_out_of_memory_before_training_names_a_busy_gpu(digits_dir, tmp_path, monkeypatch, capsys):
+    """Out of memory while the model moves to the device (a GPU another process holds): exit code 5 and the free
+    memory, not a traceback with exit code 1. The CUDA answers are stand-ins, set when the error is raised."""
+    def busy_gpu(self, *args, **kwargs):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (0.5 * 2**30, 80 * 2**30))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB\nmore detail")
+
+    monkeypatch.setattr(train.SwAVModel, "to", busy_gpu)
+    assert run(digits_dir, tmp_path / "busy", *LONG) == 5
+    err = capsys.readouterr().err
+    assert "out of memory before training started: CUDA out of memory. Tried to allocate 20.00 MiB." in err, err
+    assert "0.5 of 80.0 GiB free" in err and "nvidia-smi" in err
+    assert "Traceback" not in err and "more detail" not in err
+
+
 def test_metrics_that_cannot_be_written_do_not_stop_the_run(digits_dir, tmp_path, capsys):
     """metrics.jsonl on a full disk (/dev/full refuses every write): said once, and the run goes on to its end."""
     run_dir = tmp_path / "no_metrics"
