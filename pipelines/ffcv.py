@@ -44,6 +44,7 @@ from pipelines.gpu_augment import GPUMultiCrop, augment_generator
 from pipelines.reference import DataError, check_start_step, steps_per_epoch
 from pipelines.spec import MultiCropBatch, MultiCropSpec, warn_skipped_once
 from swav_fast.config import FFCV_ORDERS
+from swav_fast.streams import private_stream
 
 FIELDS = ("image", "label", "index")
 HOW_TO_WRITE = "write one from an ImageFolder with `python tools/write_ffcv.py <ImageFolder root> <out>.beton`"
@@ -179,7 +180,8 @@ def decode_rgb(data: list[torch.Tensor], device: torch.device | str,
     `torchvision.io.decode_jpeg` call (nvJPEG on CUDA), and, when it fails (one bad file fails the whole batch),
     each file alone; a file that still fails is returned as its exception.
 
-    On CUDA the decode runs with `stream` (a stream kept for decoding) as the current stream, then the caller's
+    On CUDA the decode runs with `stream` (a stream kept for decoding: swav_fast.streams.private_stream, which no
+    other code is handed) as the current stream, then the caller's
     stream waits for it and each image is marked as used there (record_stream). Why: torchvision (0.26 to 0.29 at
     least) allocates the images on the current stream but has nvJPEG write them from a stream of its own that
     never waits for the current one. Decoding on the caller's stream could therefore be handed memory just freed
@@ -347,7 +349,7 @@ class FFCVLoader:
         """Decode a batch in one call (decode_rgb); a sample that fails is replaced by the next good one of the
         batch."""
         if self.device.type == "cuda" and self._decode_stream is None:
-            self._decode_stream = torch.cuda.Stream(self.device)
+            self._decode_stream = private_stream(self.device)
         images = decode_rgb(data, self.device, self._decode_stream)
         skipped = [f"{self.beton} sample {int(i)} ({type(im).__name__}: {im})"
                    for im, i in zip(images, idx, strict=True) if isinstance(im, Exception)]

@@ -25,6 +25,7 @@ from swav_fast.model import SwAVModel
 from swav_fast.optim import LARS
 from swav_fast.queue import EmbeddingQueue, block_scores, push_
 from swav_fast.sinkhorn import sinkhorn
+from swav_fast.streams import private_stream
 
 
 def unwrap(model: nn.Module) -> SwAVModel:
@@ -181,6 +182,7 @@ class GraphStep:
         self.n_captures = 0  # graphs captured (or, with capture=False, recorded) so far
         self._bound: tuple | None = None
         self._replay = None
+        self._stream: torch.cuda.Stream | None = None  # warm-up and capture (_side_stream)
 
     def __call__(self, model: nn.Module, optimizer: LARS, crops: list[torch.Tensor], lr: float, iteration: int, cfg,
                  queue: EmbeddingQueue | None, process_group: dist.ProcessGroup | None,
@@ -246,11 +248,18 @@ class GraphStep:
         if not self.capture:
             self._loss = self._body()
             return
-        side = torch.cuda.Stream()  # as the PyTorch docs warm up before capture
+        side = self._side_stream()  # as the PyTorch docs warm up before capture
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self._loss = self._body()
         torch.cuda.current_stream().wait_stream(side)
+
+    def _side_stream(self) -> torch.cuda.Stream:
+        """The stream of the warm-up steps and the capture, one for the object's life: a stream no loader thread is
+        handed (swav_fast.streams), and memory the warm-up frees on it is reused by the next warm-up step."""
+        if self._stream is None:
+            self._stream = private_stream()
+        return self._stream
 
     def _capture(self) -> None:
         self.n_captures += 1
@@ -265,7 +274,7 @@ class GraphStep:
         # thread_local: the loader's threads may pin host memory (cudaHostAlloc) meanwhile, which "global" capture
         # turns into an error in those threads; the step's own kernels (backward's included) are captured anyway,
         # capture follows the stream
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, stream=self._side_stream(), capture_error_mode="thread_local"):
             self._loss = self._body()
         self._replay = graph.replay
 

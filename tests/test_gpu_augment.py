@@ -616,7 +616,9 @@ def test_cuda_decode_rgb_leaves_memory_queued_kernels_still_read_alone():
 
     data = _jpeg_bytes(16)
     expected = [decode_jpeg(d) for d in data]
-    stream, bad = torch.cuda.Stream(), 0
+    from swav_fast.streams import private_stream
+
+    stream, bad = private_stream(), 0
     decode_rgb(data, "cuda", stream)  # nvJPEG's set-up, outside the timed part
     for _ in range(20):
         doomed = [torch.full((3, 375, 500), 7, dtype=torch.uint8, device="cuda") for _ in data]

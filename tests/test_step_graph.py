@@ -326,6 +326,24 @@ def test_cuda_graph_replay_dispatches_only_the_copy_in():
     assert counter.total <= 10, counter.ops
 
 
+@needs_cuda
+def test_cuda_private_streams_are_never_handed_to_other_code():
+    """torch.cuda.Stream() deals out 32 streams per priority level round robin, so the loader's and PyTorch's side
+    streams can be one stream. Streams from private_stream (the ffcv decode stream, GraphStep's warm-up and capture
+    stream) must not be among the default level's, however many are taken, nor among the highest level's (NCCL's
+    opt-in high-priority streams) where the GPU has more than two levels."""
+    from swav_fast.streams import private_stream
+
+    runner = _graph_vs_eager_cuda(None, channels_last=False, tol=1e-4)
+    mine = [private_stream(), private_stream(), runner._stream]
+    assert len({s.cuda_stream for s in mine}) == 3
+    others = [torch.cuda.Stream() for _ in range(70)]
+    least, greatest = torch.cuda.Stream.priority_range()
+    if least - greatest + 1 > 2:
+        others += [torch.cuda.Stream(priority=greatest) for _ in range(70)]
+    assert not {s.cuda_stream for s in mine} & {s.cuda_stream for s in others}
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="2-rank NCCL capture needs 2 CUDA devices")
 def test_cuda_two_nccl_ranks_captured_step_equals_ddp(tmp_path):
     results = _ranks(tmp_path, "nccl", ["ddp", "explicit", "graph_capture"])

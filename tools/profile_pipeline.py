@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pipelines  # noqa: E402
 from pipelines.spec import CropGroup, MultiCropSpec  # noqa: E402
 from swav_fast.config import Config  # noqa: E402
+from swav_fast.streams import private_stream  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -123,7 +124,7 @@ def time_device_side(data: str, spec: MultiCropSpec, device: torch.device, batch
     if not blobs:
         raise ValueError(f"no JPEG files in {data}")
     augment = GPUMultiCrop(spec, resample=resample)
-    stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # as FFCVLoader decodes
+    stream = private_stream(device) if device.type == "cuda" else None  # as FFCVLoader decodes
     t_dec = t_aug = 0.0
     for k in range(batches + warmup):
         data_k = [blobs[(k * batch + j) % len(blobs)] for j in range(batch)]
