@@ -4,6 +4,7 @@ the eager numbers; a dispatch-mode count finds no op that hands a value to Pytho
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -264,6 +265,27 @@ def test_profile_step_under_torchrun_stops_every_rank_when_one_fails(tmp_path, f
     if fail == "sinkhorn":  # every mode was measured: their table is printed before Sinkhorn alone runs
         assert proc.stdout.count("host syncs") == 1 and "x 2 ranks" in proc.stdout, proc.stdout
         assert all(r["world_size"] == 2 for r in rep["rows"])  # the ranks' merged rows
+
+
+def test_count_cuda_syncs_counts_the_debug_modes_warnings_and_restores_it(monkeypatch):
+    """The CUDA sync count with a stand-in for torch.cuda.set_sync_debug_mode (no GPU here): the step runs in
+    "warn" mode, each synchronizing call's warning is counted (other warnings are not, repeats are), and the mode
+    is back to "default" afterwards, also when the step raises."""
+    from tools.profile_step import count_cuda_syncs
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def step():
+        assert modes[-1] == "warn"
+        for _ in range(3):  # the same line three times: "always", not once per location
+            warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+        warnings.warn("something else", UserWarning, stacklevel=1)
+
+    assert count_cuda_syncs(step) == 3 and modes == ["warn", "default"]
+    with pytest.raises(ZeroDivisionError):
+        count_cuda_syncs(lambda: 1 / 0)
+    assert modes[-1] == "default"
 
 
 def test_profile_step_takes_the_slowest_rank():

@@ -5,10 +5,12 @@
     torchrun --nproc_per_node=4 tools/profile_step.py   # 4 GPUs: SyncBN, gradient all-reduce, distributed Sinkhorn
 
 For each mode: time per step (CUDA events after warm-up on GPU, wall clock on CPU), samples/s, host syncs per
-step (ops that hand a tensor value to Python, counted by a dispatch mode: on a GPU each one waits for the
-device), ATen ops dispatched per step (a proxy for kernel launches), peak memory on CUDA, achieved TFLOP/s (the
-step's forward + backward FLOPs counted by torch's FlopCounterMode) and MFU against the GPU's dense bf16 peak;
-then Sinkhorn alone at K 3000 x B 3904 (the queue path), reference vs the fused Triton kernel (CUDA only).
+step (on CPU: ops that hand a tensor value to Python, counted by a dispatch mode; on CUDA: the synchronizing
+calls that torch.cuda.set_sync_debug_mode reports, which also sees what no ATen op shows, e.g. a blocking copy
+inside a kernel, and the compiled step), ATen ops dispatched per step (a proxy for kernel launches), peak memory
+on CUDA, achieved TFLOP/s (the step's forward + backward FLOPs counted by torch's FlopCounterMode) and MFU against
+the GPU's dense bf16 peak; then Sinkhorn alone at K 3000 x B 3904 (the queue path), reference vs the fused Triton
+kernel (CUDA only).
 Modes: official, eager, compile (torch.compile, inductor), and on CUDA graph (GraphStep: the whole step as one
 captured CUDA graph; its ATen ops are the host-side copy-in of the crops, lr and flag fills and the loss clone,
 while the step's kernels go out in one graph launch). The graph mode is UNVERIFIED: written without a GPU and not
@@ -37,6 +39,7 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import NoReturn
@@ -103,6 +106,19 @@ class OpCounter(TorchDispatchMode):
     @property
     def total(self) -> int:
         return sum(self.ops.values())
+
+
+def count_cuda_syncs(fn) -> int:
+    """How many synchronizing CUDA calls `fn()` makes, as torch.cuda.set_sync_debug_mode("warn") reports them (one
+    warning each; the autograd engine's thread hands its warnings to the caller's)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
 
 
 class OfficialStep:
@@ -229,6 +245,8 @@ def profile(mode: str, cfg: Config, info: DistInfo, batch: int, steps: int, warm
             counter = OpCounter()  # same ops as eager, fused, and fullgraph=True already proves it has no host sync
             with counter:
                 run(it0 + warmup)
+        # on CUDA the driver's view: every synchronizing call, the compiled step's included (one more step)
+        cuda_syncs = count_cuda_syncs(lambda: run(it0 + warmup)) if on_cuda else None
         times = []
         if on_cuda:
             torch.cuda.synchronize()
@@ -242,7 +260,7 @@ def profile(mode: str, cfg: Config, info: DistInfo, batch: int, steps: int, warm
         release_ddp(model)
     ms = statistics.median(times)
     return {"mode": mode, "ms_per_step": ms, "ms_min": min(times), "samples_per_s": batch / ms * 1e3,
-            "host_syncs_per_step": counter.syncs if counter else None,
+            "host_syncs_per_step": cuda_syncs if on_cuda else counter.syncs if counter else None,
             "aten_ops_per_step": counter.total if counter else None,
             "collectives_per_step": counter.collectives if counter else None,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None,
