@@ -240,13 +240,17 @@ def profile(mode: str, cfg: Config, info: DistInfo, batch: int, steps: int, warm
         it0 = cfg.freeze_prototypes_niters
         for i in range(warmup):
             run(it0 + i)
-        counter = None
-        if mode != "compile":  # a Python dispatch mode cannot run inside a compiled graph; the compiled step is the
-            counter = OpCounter()  # same ops as eager, fused, and fullgraph=True already proves it has no host sync
-            with counter:
-                run(it0 + warmup)
-        # on CUDA the driver's view: every synchronizing call, the compiled step's included (one more step)
-        cuda_syncs = count_cuda_syncs(lambda: run(it0 + warmup)) if on_cuda else None
+        # One counted step. Its ATen ops by a dispatch mode, which cannot run inside a compiled graph (the compiled
+        # step is the same ops as eager, fused, and fullgraph=True already proves it has no host sync); on CUDA also
+        # the driver's view of its syncs, the compiled step's included.
+        counter = OpCounter() if mode != "compile" else None
+        cuda_syncs = None
+        if counter is not None or on_cuda:
+            with counter if counter is not None else contextlib.nullcontext():
+                if on_cuda:
+                    cuda_syncs = count_cuda_syncs(lambda: run(it0 + warmup))
+                else:
+                    run(it0 + warmup)
         times = []
         if on_cuda:
             torch.cuda.synchronize()
