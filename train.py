@@ -80,6 +80,11 @@ def device_config_problem(cfg, on_cuda: bool) -> str | None:
     return None
 
 
+def oom_reason(e: torch.OutOfMemoryError) -> str:
+    """The first line of an out-of-memory error (CUDA's goes on with allocator statistics), or its type."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -96,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                         "it (nvidia-smi lists them), wait for it or choose another GPU (CUDA_VISIBLE_DEVICES).")
         Console(stderr=True, soft_wrap=True).print(
             f"[bold red]stopped:[/] out of memory{rank} before training started: "
-            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}.{held}", highlight=False)
+            f"{oom_reason(e)}.{held}", highlight=False)
         return 5
 
 
@@ -532,7 +537,7 @@ def _main(argv: list[str] | None) -> int:
         console.print(
             f"[bold red]stopped:[/] out of memory{f' on rank {info.rank}' if info.world_size > 1 else ''} at "
             f"iteration {iteration} ({cfg.batch_size} images x {sum(cfg.nmb_crops)} crops per rank, --step_mode "
-            f"{cfg.step_mode}{peak}): {str(e).splitlines()[0] if str(e) else type(e).__name__}. To train the same "
+            f"{cfg.step_mode}{peak}): {oom_reason(e)}. To train the same "
             "recipe with less memory per GPU, spread its global batch over more GPUs (a smaller --batch_size "
             "each); a captured graph (--step_mode graph) keeps a memory pool of its own, --step_mode eager does "
             "not; PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True helps when free memory is fragmented. The last "
