@@ -181,14 +181,13 @@ def decode_rgb(data: list[torch.Tensor], device: torch.device | str,
     each file alone; a file that still fails is returned as its exception.
 
     On CUDA the decode runs with `stream` (a stream kept for decoding: swav_fast.streams.private_stream, which no
-    other code is handed) as the current stream, then the caller's
-    stream waits for it and each image is marked as used there (record_stream). Why: torchvision (0.26 to 0.29 at
-    least) allocates the images on the current stream but has nvJPEG write them from a stream of its own that
-    never waits for the current one. Decoding on the caller's stream could therefore be handed memory just freed
-    there whose last reads are still queued, and overwrite it before those reads run (a batch built from the
-    wrong pixels, or a step reading garbage; pytorch/vision#9606). Memory allocated on the decode stream is only
-    ever written by the decoder, and record_stream keeps each image's memory from being reused until the
-    caller's stream is done with it."""
+    other code is handed) as the current stream, then the caller's stream waits for it and each image is marked as
+    used there (record_stream). Why: torchvision (0.26 to 0.29 at least) allocates the images on the current stream
+    but has nvJPEG write them from a stream of its own that never waits for the current one. Decoding on the
+    caller's stream could therefore be handed memory just freed there whose last reads are still queued, and
+    overwrite it before those reads run (a batch built from the wrong pixels, or a step reading garbage;
+    pytorch/vision#9606). Memory allocated on the decode stream is only ever written by the decoder, and
+    record_stream keeps each image's memory from being reused until the caller's stream is done with it."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     device = torch.device(device)
