@@ -177,8 +177,15 @@ def _ignore_ctrl_c(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's signa
 
 
 def collate(items: list[tuple[list[torch.Tensor], int, list[str]]]) -> MultiCropBatch:
-    n = len(items[0][0])
-    crops = [torch.stack([it[0][i] for it in items]) for i in range(n)]
+    """Runs in a DataLoader worker: the crops are stacked straight into channels_last tensors, so that the copy to
+    the device keeps that layout and the model's input needs no conversion there."""
+    crops = []
+    for i in range(len(items[0][0])):
+        first = items[0][0][i]
+        out = torch.empty((len(items), *first.shape), dtype=first.dtype, memory_format=torch.channels_last)
+        for j, it in enumerate(items):
+            out[j].copy_(it[0][i])
+        crops.append(out)
     return MultiCropBatch(crops, torch.tensor([it[1] for it in items]), [p for it in items for p in it[2]])
 
 

@@ -76,6 +76,12 @@ class MultiCropBatch:
     def batch_size(self) -> int:
         return self.crops[0].shape[0]
 
+    def pin_memory(self) -> MultiCropBatch:
+        """Called by a DataLoader with pin_memory=True (its pinning thread), which pins only tensors and standard
+        containers, and objects with this method: without it the crops would stay pageable and the host-to-device
+        copy would neither be asynchronous nor overlap the step."""
+        return MultiCropBatch([c.pin_memory() for c in self.crops], self.index, self.skipped)
+
 
 def warn_skipped_once(seen: set[str], entries: list[str], what: str, replaced_by: str) -> None:
     """One warning per unreadable file over a loader's life (`seen` holds those already reported); the training

@@ -120,3 +120,33 @@ def test_build_by_name(digits_dir):
     assert len(loader) == 3 and sum(1 for _ in loader) == 3
     with pytest.raises(ValueError, match="--pipeline"):
         pipelines.build(SPEC, SimpleNamespace(**{**vars(cfg), "pipeline": "nope"}), torch.device("cpu"))
+
+
+def test_batches_are_pinned_by_the_dataloader_and_stacked_channels_last(digits_dir, monkeypatch):
+    """On CUDA the DataLoader pins each batch in its pinning thread, which pins only tensors, standard containers
+    and objects with a pin_memory() method; a MultiCropBatch must be one of those, or its crops stay pageable and
+    the copy to the GPU blocks. Pinning needs a GPU, so Tensor.pin_memory is replaced by a marker here. The crops
+    come out of the workers' collate already channels_last, so the copy keeps that layout."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from pipelines.reference import collate
+
+    pinned = []
+
+    def fake_pin(self, device=None):
+        out = self.clone(memory_format=torch.preserve_format)
+        pinned.append(out)
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    loader = make_loader(digits_dir)
+    items = [loader.dataset[i] for i in range(3)]
+    batch = collate(items)
+    for i, c in enumerate(batch.crops):
+        assert c.is_contiguous(memory_format=torch.channels_last) and not c.is_contiguous()
+        assert torch.equal(c, torch.stack([it[0][i] for it in items]))
+    out = pin_memory(batch)  # what the DataLoader's pinning thread calls
+    assert type(out).__name__ == "MultiCropBatch" and out is not batch
+    assert len(pinned) == len(batch.crops) and all(a is b for a, b in zip(out.crops, pinned, strict=True))
+    assert all(torch.equal(a, b) and a.stride() == b.stride() for a, b in zip(out.crops, batch.crops, strict=True))
+    assert torch.equal(out.index, batch.index) and out.skipped == batch.skipped
