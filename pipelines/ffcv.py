@@ -23,8 +23,12 @@ Order and sharding (a pure function of (seed, epoch, rank), like pipelines/refer
   (drop_last). FFCV's QUASI_RANDOM itself refuses distributed mode, which is why this order is ours.
 
 Augmentation randomness: one generator per (seed, epoch, rank, step) (gpu_augment.augment_generator) on the
-device, so a resumed epoch (`set_epoch(epoch, start_step)`) yields the same batches and views from there on.
-The deviations of the augmentation from the PIL chain are listed in pipelines/gpu_augment.py.
+device, so a resumed epoch (`set_epoch(epoch, start_step)`) yields the same batches and views from there on (bit
+for bit on CPU; on CUDA to rounding, as cudnn.benchmark may pick another blur convolution algorithm in a new
+process). The deviations of the augmentation from the PIL chain are listed in pipelines/gpu_augment.py; one more
+comes from the decode: torchvision's nvJPEG decoder (created with default flags, no option to change them) does not
+smooth the chroma upsampling as libjpeg-turbo's "fancy" upsampling does, and its inverse DCT differs, so decoded
+pixels differ from PIL's by a level or two (the DALI pipeline asks nvJPEG for fancy upsampling; torchvision cannot).
 
 A sample whose bytes fail to decode (tools/write_ffcv.py validated every image with PIL, but nvJPEG is stricter
 than PIL about some files) is replaced by another image of the same batch; it is named in `batch.skipped` (and
@@ -59,6 +63,14 @@ def import_ffcv():
     the speed of the training step (and, on CPU, its floating-point reduction order, so a resumed run would not
     repeat the uninterrupted one). Importing ffcv through this function restores torch's count and makes
     Compiler.set_num_threads set only numba's. Import ffcv through it everywhere.
+
+    It also turns off the CUDA side of FFCV's epoch iterator (`ffcv.loader.epoch_iterator.IS_CUDA`). With a GPU
+    present, FFCV takes four streams per epoch from PyTorch's shared pool, makes each wait for an event of the
+    training stream and makes the training stream wait for each batch's stream. Our loaders ask FFCV for host
+    bytes only (no ToDevice), so none of that guards anything: a batch's bytes stay valid until the next batch
+    is taken (FFCV's slot count and queue see to that; raw_batches copies what it keeps). It costs a wait on the
+    training stream per batch, and one of those pool streams can be the one torchvision's nvJPEG decoder took
+    from the same pool, which decode_jpeg synchronises on: the host would then wait for the previous step.
     """
     threads = torch.get_num_threads()
     try:
@@ -80,6 +92,9 @@ def import_ffcv():
 
         Compiler.set_num_threads = classmethod(set_num_threads)
         Compiler._swav_fast_keeps_torch_threads = True
+    import ffcv.loader.epoch_iterator
+
+    ffcv.loader.epoch_iterator.IS_CUDA = False
     return ffcv
 
 
@@ -359,7 +374,7 @@ class FFCVLoader:
                                 f"{idx[:5].tolist()}...): is it a tools/write_ffcv.py file?")
         if self.device.type == "cuda":
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))
             self._staged[1 - self._slot] = event  # the slot _stage just handed out
         return images, skipped
 

@@ -16,7 +16,7 @@ pytest.importorskip("ffcv", reason="SKIPPED: ffcv is not installed (make env ins
 
 from conftest import view_stats  # noqa: E402
 
-from pipelines.ffcv import FFCVLoader, distributed_order, open_beton, quasi_random_order  # noqa: E402
+from pipelines.ffcv import FFCVLoader, distributed_order, import_ffcv, open_beton, quasi_random_order  # noqa: E402
 from pipelines.reference import DataError, ReferenceLoader  # noqa: E402
 from pipelines.spec import CropGroup, MultiCropSpec  # noqa: E402
 from tools.write_ffcv import write_beton  # noqa: E402
@@ -344,6 +344,17 @@ print("ok", torch.get_num_threads())
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok 3", proc.stderr[-2000:]
+
+
+def test_import_ffcv_turns_off_ffcvs_own_cuda_streams(monkeypatch):
+    """With a GPU, FFCV's epoch iterator takes pooled CUDA streams, events and training-stream waits for device
+    outputs our loaders never ask it for (one of those streams can be nvJPEG's); import_ffcv turns that off, also
+    when ffcv was imported before it (as ffcv would be on a GPU machine, IS_CUDA True)."""
+    import ffcv.loader.epoch_iterator as ei
+
+    monkeypatch.setattr(ei, "IS_CUDA", True)
+    import_ffcv()
+    assert ei.IS_CUDA is False
 
 
 def test_cuda_staging_rotates_two_buffers_and_waits_before_reuse(beton, monkeypatch):
