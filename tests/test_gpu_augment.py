@@ -607,6 +607,32 @@ def test_profile_pipelines_device_side_replaces_an_undecodable_jpeg(tmp_path):
     assert row["samples_per_s"] > 0
 
 
+def test_profile_pipelines_device_side_decodes_what_a_beton_would_hold(tmp_path, monkeypatch):
+    """The decode+augment row times the bytes tools/write_ffcv.py would store: a 1200x900 JPEG as its 512 px
+    re-encoding (the padded resampling grows with the batch's largest image), a PNG re-encoded as a JPEG; a file
+    that is no image at all is left out."""
+    import pipelines.ffcv
+    from tools.profile_pipeline import time_device_side
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "0.jpg").write_bytes(_jpeg_bytes(1, (900, 1200))[0].numpy().tobytes())
+    (tmp_path / "c" / "1.jpg").write_bytes(_jpeg_bytes(1, (300, 200))[0].numpy().tobytes())
+    Image.fromarray(np.full((40, 60, 3), 90, np.uint8)).save(tmp_path / "c" / "2.png")
+    (tmp_path / "c" / "3.txt").write_text("not an image")
+    shapes = []
+    decode = pipelines.ffcv.decode_rgb
+
+    def spy(data, device, stream=None):
+        out = decode(data, device, stream)
+        shapes.extend(tuple(im.shape) for im in out)
+        return out
+
+    monkeypatch.setattr(pipelines.ffcv, "decode_rgb", spy)
+    spec = MultiCropSpec(groups=(CropGroup(24, 1, 0.14, 1.0),))
+    time_device_side(str(tmp_path), spec, torch.device("cpu"), 3, 1, 0, "matmul")
+    assert shapes == [(3, 384, 512), (3, 300, 200), (3, 40, 60)]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_decode_rgb_leaves_memory_queued_kernels_still_read_alone():
     """Tensors the size of the decoded images are freed while kernels that read them are still queued behind a

@@ -7,8 +7,9 @@ Table 1 (throughput): for each pipeline (reference = the official PIL chain in D
 ffcv = .beton bytes -> one batched decode_jpeg -> gpu_augment; dali = NVIDIA DALI), after --warmup batches, the
 wall time of --batches batches: samples/s, crops/s, ms per batch, and for ffcv the split between decode and
 augmentation (timed separately, with a device sync between the two on CUDA: the split costs a little speed).
-The first row, "decode+augment", is the ffcv path's device work alone on JPEG bytes already in memory: what the
-GPU has to sustain, measurable where ffcv is not installed (the GPU machine).
+The first row, "decode+augment", is the ffcv path's device work alone on the bytes a .beton would hold (each file
+as tools/write_ffcv.py stores it: long side at most 512), already in memory: what the GPU has to sustain,
+measurable where ffcv is not installed (the GPU machine).
 
 Table 2 (host cost per sample, the figure that says whether a GPU run is CPU-bound): the CPU time (process time,
 all threads) the FFCV path spends per sample with the device work excluded: FFCV's Loader copying the bytes out of
@@ -108,21 +109,32 @@ def time_ffcv_split(loader, device: torch.device, batches: int, warmup: int) -> 
 
 def time_device_side(data: str, spec: MultiCropSpec, device: torch.device, batch: int, batches: int, warmup: int,
                      resample: str) -> dict:
-    """The device work of the ffcv path alone (decode_jpeg of a batch + gpu_augment), on JPEG bytes read into
-    memory beforehand from the ImageFolder: what the GPU must sustain, measurable without ffcv installed."""
+    """The device work of the ffcv path alone (decode_jpeg of a batch + gpu_augment), on the bytes a .beton written
+    from the ImageFolder by tools/write_ffcv.py (default max_side) would hold, prepared in memory beforehand: what
+    the GPU must sustain, measurable without ffcv installed. (Decoding the original files instead would time
+    ImageNet's rare multi-megapixel images at full size, and the padded resampling grows with the batch's largest
+    image.) A file PIL cannot open is kept as it is if it looks like a JPEG, so the decoder's replacement of
+    undecodable samples is timed too."""
+    from PIL import Image
+
     from pipelines.ffcv import decode_rgb, replace_undecodable  # (needs no ffcv)
     from pipelines.gpu_augment import GPUMultiCrop, augment_generator
     from pipelines.reference import scan_image_folder
+    from tools.write_ffcv import stored_bytes
 
     blobs = []
     for path, _ in scan_image_folder(data)[0]:
         b = Path(path).read_bytes()
-        if b[:2] == b"\xff\xd8":  # JPEG only, as in a .beton
-            blobs.append(torch.frombuffer(bytearray(b), dtype=torch.uint8))
+        try:
+            b = stored_bytes(b)
+        except (OSError, ValueError, Image.DecompressionBombError):  # OSError includes PIL's UnidentifiedImageError
+            if b[:2] != b"\xff\xd8":
+                continue
+        blobs.append(torch.frombuffer(bytearray(b), dtype=torch.uint8))
         if len(blobs) >= batch * (batches + warmup):
             break
     if not blobs:
-        raise ValueError(f"no JPEG files in {data}")
+        raise ValueError(f"no image files in {data}")
     augment = GPUMultiCrop(spec, resample=resample)
     stream = private_stream(device) if device.type == "cuda" else None  # as FFCVLoader decodes
     t_dec = t_aug = 0.0

@@ -189,6 +189,17 @@ def reencode_jpeg(data: bytes, max_side: int, quality: int) -> bytes:
     return buf.getvalue()
 
 
+def stored_bytes(data: bytes, max_side: int = DEFAULT_MAX_SIDE, quality: int = DEFAULT_QUALITY) -> bytes:
+    """The bytes write_beton stores for an image file PIL can open: the file itself, or its re-encoding (another
+    format or mode, progressive, long side above max_side, oversized). Raises what PIL raises for other files."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Image.open(io.BytesIO(data)) as im:
+            fmt, mode, (width, height) = im.format, im.mode, im.size
+    reason = _reencode_reason(data, fmt, mode, width, height, max_side)
+    return data if reason is None else reencode_jpeg(data, max_side, quality)
+
+
 def _placeholder_jpeg() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (128, 128, 128)).save(buf, "JPEG", quality=75)
