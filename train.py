@@ -45,7 +45,7 @@ from swav_fast.guards import CollapseMonitor
 from swav_fast.model import SwAVModel
 from swav_fast.optim import LARS, lr_schedule
 from swav_fast.queue import EmbeddingQueue, redistribute
-from swav_fast.step import GraphStep, compiled_step_core, train_step
+from swav_fast.step import GraphStep, compiled_step_core, step_autocast, train_step
 from swav_fast.syncbn import convert_sync_batchnorm
 
 
@@ -179,7 +179,7 @@ def _main(argv: list[str] | None) -> int:
         return 2
     torch.manual_seed(cfg.seed)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_cuda)
-    autocast = torch.autocast(info.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    autocast = step_autocast(info.device.type) if use_bf16 else contextlib.nullcontext()
     # Make the first collective use the right device under NCCL before anything else talks.
     if info.world_size > 1:
         dist.barrier()

@@ -89,6 +89,18 @@ def compiled_step_core(backend: str = "inductor"):
     return torch.compile(step_core, fullgraph=True, backend=backend)
 
 
+def step_autocast(device_type: str) -> torch.autocast:
+    """bf16 autocast as the step runs it in every mode: with autocast's weight-cast cache off.
+
+    The trunk runs once per crop resolution, so each weight is used twice in a step. With the cache, both uses share
+    one bf16 copy of the weight, and backward adds their two gradients in bf16 before casting the sum to fp32;
+    without it, each use has its own cast and the two gradients are added in fp32. A captured graph needs the cache
+    off (make_graphed_callables requires it) and a torch.compile'd step has no cache, so an eager step with the
+    cache would give other numbers than the graph and compiled steps, and a less exact sum. The cost is one more
+    cast of each weight per step. train_step refuses an autocast with the cache on."""
+    return torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False)
+
+
 def train_step(model: nn.Module, optimizer: LARS, crops: list[torch.Tensor], lr: float, iteration: int, cfg,
                queue: EmbeddingQueue | None = None, process_group: dist.ProcessGroup | None = None,
                autocast: contextlib.AbstractContextManager | None = None, core=None,
@@ -102,6 +114,10 @@ def train_step(model: nn.Module, optimizer: LARS, crops: list[torch.Tensor], lr:
     """
     if grad_group is not None and isinstance(model, nn.parallel.DistributedDataParallel):
         raise ValueError("grad_group averages the gradients inside the step; a DDP model already averages them")
+    if isinstance(autocast, torch.autocast) and autocast._cache_enabled:
+        raise ValueError("the step's autocast must have its weight-cast cache off (cache_enabled=False), or the "
+                         "eager step gives other numbers than the graph and compiled ones: use "
+                         "swav_fast.step.step_autocast")
     if optimizer.param_groups[0]["params"][0].grad is None:  # first step, or just resumed
         optimizer.prepare()  # grads and momentum made here, so a GraphStep's pool never holds them
     for group in optimizer.param_groups:
@@ -173,8 +189,8 @@ class GraphStep:
     capture=False runs the same logic on any device (CPU tests) with an emulated graph (RecordedGraph): the
     capture records the step's ATen ops and leaves no trace, each replay runs the recorded ops again on the same
     tensors, and the Python of the step does not run at replay, so a host value read at capture stays as it was,
-    as in a real graph. Autocast runs with its weight-cast cache off inside the step (make_graphed_callables
-    requires that too; the numbers are the same, a cast is recomputed).
+    as in a real graph. Autocast comes with its weight-cast cache off (step_autocast; train_step checks), as
+    make_graphed_callables requires too.
     """
 
     def __init__(self, capture: bool = True, warmup: int = 3):
@@ -232,9 +248,6 @@ class GraphStep:
         self._lr = torch.zeros((), dtype=torch.float32, device=device)
         self._in_use = torch.zeros((), dtype=torch.bool, device=device)
         self._frozen = torch.zeros((), dtype=torch.bool, device=device)
-        if isinstance(autocast, torch.autocast):
-            autocast = torch.autocast(autocast.device, dtype=autocast.fast_dtype, enabled=autocast._enabled,
-                                      cache_enabled=False)
         self._autocast = autocast or contextlib.nullcontext()
         self._n_warm = 0
 

@@ -52,10 +52,13 @@ class HostTensorOps(TorchDispatchMode):
 
 @contextlib.contextmanager
 def cuda_bf16_autocast():
-    """torch.autocast("cuda", torch.bfloat16) without its GPU check (it asks the driver whether bf16 is supported)."""
+    """swav_fast.step.step_autocast("cuda") (bf16, weight-cast cache off) without torch.autocast's GPU check (it asks
+    the driver whether bf16 is supported)."""
     prev, prev_dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    prev_cache = torch.is_autocast_cache_enabled()
     torch.set_autocast_enabled("cuda", True)
     torch.set_autocast_dtype("cuda", torch.bfloat16)
+    torch.set_autocast_cache_enabled(False)
     torch.autocast_increment_nesting()
     try:
         yield
@@ -64,6 +67,7 @@ def cuda_bf16_autocast():
             torch.clear_autocast_cache()
         torch.set_autocast_enabled("cuda", prev)
         torch.set_autocast_dtype("cuda", prev_dtype)
+        torch.set_autocast_cache_enabled(prev_cache)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from swav_fast.distributed import DistInfo, broadcast_module_, exit_now, wrap_fo
 from swav_fast.model import SwAVModel
 from swav_fast.optim import LARS
 from swav_fast.queue import EmbeddingQueue
-from swav_fast.step import GraphStep, compiled_step_core, train_step
+from swav_fast.step import GraphStep, compiled_step_core, step_autocast, train_step
 
 CFG = Config(arch="resnet18", hidden_mlp=16, feat_dim=8, nmb_prototypes=6, nmb_crops=[2, 1], size_crops=[32, 16],
              min_scale_crops=[0.5, 0.2], max_scale_crops=[1.0, 0.5], freeze_prototypes_niters=2, queue_length=8,
@@ -271,6 +271,35 @@ def test_three_gloo_ranks_train_py_ddp_settings_equal_ddp_defaults(tmp_path):
     _check_against_ddp(results, ["ddp_copies"], tol=0.0)
 
 
+def test_eager_graph_and_compile_equal_bit_for_bit_under_bf16_autocast(monkeypatch):
+    """bf16 autocast as train.py makes it (step_autocast): eager, the recorded graph and the compiled step
+    (aot_eager; the ops inductor would fuse are the same) give the same losses and parameters, bit for bit, across
+    the freeze end. The trunk uses each weight twice a step (two crop resolutions); with autocast's weight-cast
+    cache on, eager would add the two weight gradients in bf16 where a captured graph (cache off, as capture
+    needs) and a compiled step (no cache) add them in fp32, and the parameters part after the first update.
+    oneDNN is off: its bf16 kernels are not bit-reproducible from one call to the next on every CPU, PyTorch's
+    own are."""
+    autocast = step_autocast("cpu")
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    runs = [(*setup(), core) for core in (None, GraphStep(capture=False, warmup=1), compiled_step_core("aot_eager"))]
+    for it in range(4):
+        losses = [train_step(m, o, crops_for(it), lr_at(it), it, CFG, q, autocast=autocast, core=core)
+                  for m, o, q, core in runs]
+        for name, loss in zip(("graph", "compile"), losses[1:], strict=True):
+            torch.testing.assert_close(loss, losses[0], rtol=0, atol=0, msg=f"{name}: loss at step {it}")
+    assert runs[1][3].n_captures == 1
+    for m, o, q, _ in runs[1:]:
+        assert_same_state(runs[0][0], runs[0][1], m, o, rtol=0, atol=0)
+        torch.testing.assert_close(q.buffer, runs[0][2].buffer, rtol=0, atol=0)
+    # and a caching autocast is refused, by every mode, before it runs anything
+    model, opt, queue = setup()
+    for core in (None, GraphStep(capture=False)):
+        with pytest.raises(ValueError, match="cache"):
+            train_step(model, opt, crops_for(0), 0.1, 0, CFG, queue, autocast=torch.autocast("cpu", torch.bfloat16),
+                       core=core)
+    assert queue.n_pushed == 0
+
+
 # ----------------------------------------------------------------------------- CUDA: real capture and replay
 
 
@@ -280,17 +309,20 @@ def _graph_vs_eager_cuda(autocast_dtype, channels_last: bool, tol: float) -> Gra
     graph_m, graph_opt, graph_q = setup(dev)
     if channels_last:
         eager_m, graph_m = (m.to(memory_format=torch.channels_last) for m in (eager_m, graph_m))
-    autocast = torch.autocast("cuda", dtype=autocast_dtype) if autocast_dtype else None
+    assert autocast_dtype in (None, torch.bfloat16)
+    autocast = step_autocast("cuda") if autocast_dtype else None  # as train.py makes it
     runner = GraphStep(capture=True, warmup=1)
     # warm-up at 0, captured at 1 (frozen, queue not in use); the replays cross both transitions at step 2, so
-    # the flags must be read from the device at every replay, not baked into the graph
-    for it in range(7):
-        crops = crops_for(it, dev)
-        if channels_last:
-            crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
-        a = train_step(eager_m, eager_opt, crops, lr_at(it), it, CFG, eager_q, autocast=autocast)
-        b = train_step(graph_m, graph_opt, crops, lr_at(it), it, CFG, graph_q, autocast=autocast, core=runner)
-        torch.testing.assert_close(b, a, rtol=tol, atol=tol, msg=f"loss at step {it}")
+    # the flags must be read from the device at every replay, not baked into the graph. Deterministic cuDNN
+    # algorithms: both sides run the same kernels, and 7 steps at lr 0.5 do not grow atomics' rounding noise.
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+        for it in range(7):
+            crops = crops_for(it, dev)
+            if channels_last:
+                crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
+            a = train_step(eager_m, eager_opt, crops, lr_at(it), it, CFG, eager_q, autocast=autocast)
+            b = train_step(graph_m, graph_opt, crops, lr_at(it), it, CFG, graph_q, autocast=autocast, core=runner)
+            torch.testing.assert_close(b, a, rtol=tol, atol=tol, msg=f"loss at step {it}")
     assert runner.n_captures == 1
     assert_same_state(eager_m, eager_opt, graph_m, graph_opt, rtol=tol, atol=tol)
     torch.testing.assert_close(graph_q.buffer, eager_q.buffer, rtol=tol, atol=tol)

@@ -68,7 +68,7 @@ from swav_fast.model import SwAVModel  # noqa: E402
 from swav_fast.optim import LARS  # noqa: E402
 from swav_fast.queue import EmbeddingQueue  # noqa: E402
 from swav_fast.sinkhorn import sinkhorn  # noqa: E402
-from swav_fast.step import GraphStep, compiled_step_core, train_step  # noqa: E402
+from swav_fast.step import GraphStep, compiled_step_core, step_autocast, train_step  # noqa: E402
 from swav_fast.syncbn import convert_sync_batchnorm  # noqa: E402
 
 # Ops whose result must reach the host (a CPU-GPU sync on CUDA): scalar reads and data-dependent shapes; and
@@ -212,7 +212,7 @@ def profile(mode: str, cfg: Config, info: DistInfo, batch: int, steps: int, warm
     crops = synthetic_crops(batch, cfg.size_crops, cfg.nmb_crops, device, seed=info.rank)
     if not on_cuda:
         crops = [c.contiguous() for c in crops]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
+    autocast = step_autocast("cuda") if on_cuda else contextlib.nullcontext()
     # a full queue, so the queue path (the larger Sinkhorn) is what gets timed; each rank holds its share
     queue = None
     rows_per_rank = trimmed_queue_length(cfg, info.world_size) // info.world_size
