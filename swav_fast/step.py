@@ -199,6 +199,7 @@ class GraphStep:
         self._bound: tuple | None = None
         self._replay = None
         self._stream: torch.cuda.Stream | None = None  # warm-up and capture (_side_stream)
+        self._crops: list[torch.Tensor] = []  # static inputs, made by _start
 
     def __call__(self, model: nn.Module, optimizer: LARS, crops: list[torch.Tensor], lr: float, iteration: int, cfg,
                  queue: EmbeddingQueue | None, process_group: dist.ProcessGroup | None,
@@ -239,6 +240,7 @@ class GraphStep:
             torch.cuda.synchronize()  # no replay in flight when the graph goes
         self._replay = self._loss = None
         self._bound = None
+        self._crops = []  # the static inputs go too (three crop-sized buffers)
 
     def _start(self, bound: tuple, crops: list[torch.Tensor], autocast) -> None:
         self._replay = self._loss = None  # frees the previous graph and its pool

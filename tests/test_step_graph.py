@@ -271,6 +271,19 @@ def test_three_gloo_ranks_train_py_ddp_settings_equal_ddp_defaults(tmp_path):
     _check_against_ddp(results, ["ddp_copies"], tol=0.0)
 
 
+def test_graph_runner_close_frees_the_graph_and_its_inputs_then_starts_over():
+    model, opt, queue = setup()
+    runner = GraphStep(capture=False, warmup=1)
+    for it in range(3):  # warm-up, capture + replay, replay
+        train_step(model, opt, crops_for(it), 0.1, it, CFG, queue, core=runner)
+    assert runner.n_captures == 1 and len(runner._crops) == 3
+    runner.close()
+    assert runner._replay is None and runner._loss is None and runner._crops == []
+    for it in range(3, 5):  # warm-up again, then a new capture
+        train_step(model, opt, crops_for(it), 0.1, it, CFG, queue, core=runner)
+    assert runner.n_captures == 2
+
+
 def test_eager_graph_and_compile_equal_bit_for_bit_under_bf16_autocast(monkeypatch):
     """bf16 autocast as train.py makes it (step_autocast): eager, the recorded graph and the compiled step
     (aot_eager; the ops inductor would fuse are the same) give the same losses and parameters, bit for bit, across
