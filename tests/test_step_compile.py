@@ -248,10 +248,10 @@ profile_step.run_main(lambda: profile_step.main(sys.argv[1:]))
 
 @pytest.mark.parametrize("fail, message, measured", [
     ("eager", "eager failed on rank 1: RuntimeError: out of memory, say", ["official"]),
-    ("sinkhorn", "Sinkhorn alone failed on rank 1: RuntimeError: capture failed, say", ["official", "eager"])])
+    ("sinkhorn", "Sinkhorn alone failed on rank 1: RuntimeError: capture failed, say", [])])
 def test_profile_step_under_torchrun_stops_every_rank_when_one_fails(tmp_path, fail, message, measured):
     """A mode, or Sinkhorn alone, failing on one rank only (rank 0 waits in its collectives): every rank stops,
-    rank 0's JSON keeps the modes measured before, instead of the ranks waiting for each other until NCCL's
+    rank 0's JSON keeps what was measured before, instead of the ranks waiting for each other until NCCL's
     timeout."""
     import json
 
@@ -262,9 +262,8 @@ def test_profile_step_under_torchrun_stops_every_rank_when_one_fails(tmp_path, f
     assert f"{message}; stopping every rank" in proc.stderr, proc.stderr[-3000:]
     rep = json.loads(out.read_text())
     assert rep["partial"] and [r["mode"] for r in rep["rows"]] == measured
-    if fail == "sinkhorn":  # every mode was measured: their table is printed before Sinkhorn alone runs
-        assert proc.stdout.count("host syncs") == 1 and "x 2 ranks" in proc.stdout, proc.stdout
-        assert all(r["world_size"] == 2 for r in rep["rows"])  # the ranks' merged rows
+    # Sinkhorn alone runs first: its figure is in the JSON unless it is what failed
+    assert ("sinkhorn" in rep) == (fail != "sinkhorn") and "host syncs" not in proc.stdout
 
 
 def test_count_cuda_syncs_counts_the_debug_modes_warnings_and_restores_it(monkeypatch):

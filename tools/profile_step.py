@@ -4,13 +4,14 @@
     python tools/profile_step.py --device cpu --arch resnet18 --batch 8 --sizes 64 32 --steps 3
     torchrun --nproc_per_node=4 tools/profile_step.py   # 4 GPUs: SyncBN, gradient all-reduce, distributed Sinkhorn
 
-For each mode: time per step (CUDA events after warm-up on GPU, wall clock on CPU), samples/s, host syncs per
-step (on CPU: ops that hand a tensor value to Python, counted by a dispatch mode; on CUDA: the synchronizing
-calls that torch.cuda.set_sync_debug_mode reports, which also sees what no ATen op shows, e.g. a blocking copy
-inside a kernel, and the compiled step), ATen ops dispatched per step (a proxy for kernel launches), peak memory
-on CUDA, achieved TFLOP/s (the step's forward + backward FLOPs counted by torch's FlopCounterMode) and MFU against
-the GPU's dense bf16 peak; then Sinkhorn alone at K 3000 x B 3904 (the queue path), reference vs the fused Triton
-kernel (CUDA only).
+First Sinkhorn alone at K 3000 x B 3904 (the queue path), reference vs the fused Triton kernel (CUDA only), so
+that a time limit in a slow mode (compile) does not cost that figure. Then for each mode: time per step (CUDA
+events after warm-up on GPU, wall clock on CPU), samples/s, host syncs per step (on CPU: ops that hand a tensor
+value to Python, counted by a dispatch mode; on CUDA: the synchronizing calls that torch.cuda.set_sync_debug_mode
+reports, which also sees what no ATen op shows, e.g. a blocking copy inside a kernel, and the compiled step), ATen
+ops dispatched per step (a proxy for kernel launches), peak memory on CUDA, achieved TFLOP/s (the step's forward
++ backward FLOPs counted by torch's FlopCounterMode) and MFU against the GPU's dense bf16 peak. The JSON is
+rewritten after Sinkhorn and after every mode ("partial" until the end).
 Modes: official, eager, compile (torch.compile, inductor), and on CUDA graph (GraphStep: the whole step as one
 captured CUDA graph; its ATen ops are the host-side copy-in of the crops, lr and flag fills and the loss clone,
 while the step's kernels go out in one graph launch). The graph mode is UNVERIFIED: written without a GPU and not
@@ -503,6 +504,23 @@ def run(args: argparse.Namespace, cfg: Config, info: DistInfo) -> int:
             args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "world_size": world,
                                              **content}, indent=1))
 
+    # Sinkhorn alone first: seconds, and its figure is one of the targets, which a slow compile mode later on must
+    # not cost when a time limit cuts the run. Under torchrun a failure on any rank stops every rank.
+    write_json(rows=rows, partial=True)  # the arguments, should even Sinkhorn alone not finish
+    say("timing Sinkhorn alone ...")
+    try:
+        sk = time_sinkhorn(device, *args.sinkhorn_shape, cfg.epsilon, cfg.sinkhorn_iterations, max(args.steps, 10),
+                           info.group)
+    except Exception as e:  # noqa: BLE001  (only under torchrun: with one process failures are rows)
+        stop_every_rank("Sinkhorn alone", info, e)
+    sk = slowest_sinkhorn(gather_objects(sk, info))
+    if info.is_main:
+        print(f"# Sinkhorn alone, K {args.sinkhorn_shape[0]} x B {args.sinkhorn_shape[1]}"
+              + (f" per rank over {world} ranks" if world > 1 else "") + f", {cfg.sinkhorn_iterations} iterations: "
+              + ", ".join(f"{s['impl']} " + (f"{s['ms']:.3f} ms" if "ms" in s else f"FAILED ({s['error']})")
+                          for s in sk), flush=True)
+    write_json(rows=rows, sinkhorn=sk, partial=True)
+
     # a mode that fails is reported and the others still run (one GPU session, all figures); under torchrun a
     # failure on any rank stops every rank
     for mode in args.modes:
@@ -517,32 +535,15 @@ def run(args: argparse.Namespace, cfg: Config, info: DistInfo) -> int:
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
-        write_json(rows=rows, partial=True)  # the rows so far (rank 0's), in case a time limit cuts a later mode
-    # the modes' table first: if Sinkhorn alone then fails on a rank (every rank stops), the figures are out
+        write_json(rows=rows, sinkhorn=sk, partial=True)  # rank 0's rows so far, should a time limit cut a later mode
     per_rank = gather_objects(rows, info)
     rows = [slowest_rank([r[i] for r in per_rank], world) for i in range(len(rows))]
     ok = [r for r in rows if "error" not in r]
-    flops = peak = None
-    if info.is_main:
-        flops, peak = print_table(args, cfg, info, rows, device_name, queue_rows, say)
-        sys.stdout.flush()  # out now: a failure on another rank below ends this process without a flush
-        write_json(rows=rows, flops_per_step=flops, peak_flops=peak, partial=True)
-    if world > 1:  # every rank waits for that table before Sinkhorn alone, whose failure on any rank ends them all
-        torch.distributed.barrier(group=info.control)
-    say("timing Sinkhorn alone ...")
-    try:
-        sk = time_sinkhorn(device, *args.sinkhorn_shape, cfg.epsilon, cfg.sinkhorn_iterations, max(args.steps, 10),
-                           info.group)
-    except Exception as e:  # noqa: BLE001  (only under torchrun: with one process failures are rows)
-        stop_every_rank("Sinkhorn alone", info, e)
-    sk = slowest_sinkhorn(gather_objects(sk, info))
     status = 0 if all("ms" in x for x in sk) and all(math.isfinite(r["ms_per_step"]) for r in ok) \
         and len(ok) == len(rows) else 1
     if not info.is_main:
         return status
-    print(f"# Sinkhorn alone, K {args.sinkhorn_shape[0]} x B {args.sinkhorn_shape[1]}"
-          + (f" per rank over {world} ranks" if world > 1 else "") + f", {cfg.sinkhorn_iterations} iterations: "
-          + ", ".join(f"{s['impl']} " + (f"{s['ms']:.3f} ms" if "ms" in s else f"FAILED ({s['error']})") for s in sk))
+    flops, peak = print_table(args, cfg, info, rows, device_name, queue_rows, say)
     write_json(rows=rows, flops_per_step=flops, peak_flops=peak, sinkhorn=sk)
     return status
 
