@@ -32,6 +32,14 @@ def suite_copy(tmp_path: Path) -> Path:
     return root
 
 
+def _archive(path: Path) -> dict[str, str]:
+    """{member name: text} of the archive gpu_suite.sh packs for the device tool."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read().decode() for m in tar.getmembers() if m.isfile()}
+
+
 def bash(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(root / "tools" / "gpu_suite.sh"), *args], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "PYTHON": sys.executable, **env})
@@ -64,7 +72,7 @@ def test_report_stage_with_nothing_run_names_every_gap(tmp_path):
     assert rows.count("not measured") == 5 and "met**" not in rows  # five targets, none measured
     for gap in ("GPU-only tests", "profile_step", "profile_pipeline", "training smoke run", "graph mode training"):
         assert gap in res.stdout
-    assert (out / "benchmark_rows.md").read_text() == rows
+    assert _archive(out / "gpu_suite.tgz")["./benchmark_rows.md"] == rows
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +151,8 @@ def test_report_verdicts_follow_the_figures(cpu_suite, tmp_path):
     assert "fused Sinkhorn, triton (CUDA graph): RuntimeError: capture" in problems
 
 
-def test_copy_to_keeps_the_small_outputs_only(cpu_suite, tmp_path):
+def test_copy_to_packs_the_small_outputs_into_one_archive(cpu_suite, tmp_path):
+    """The device tool returns at most 8 files a call: COPY_TO gets one archive, without images or checkpoints."""
     root = suite_copy(tmp_path)
     suite = tmp_path / "suite"
     shutil.copytree(cpu_suite, suite)
@@ -152,10 +161,68 @@ def test_copy_to_keeps_the_small_outputs_only(cpu_suite, tmp_path):
     out = tmp_path / "out"
     res = bash(root, "report", SUITE_DIR=str(suite), COPY_TO=str(out))
     assert res.returncode == 0, res.stdout + res.stderr
-    copied = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert "benchmark_rows.md" in copied and "profile_step.json" in copied and "smoke_run/metrics.jsonl" in copied
-    assert not any(c.startswith("synthetic") or c.endswith(".pth") for c in copied)
+    assert [p.name for p in out.iterdir()] == ["gpu_suite.tgz"]
+    packed = _archive(out / "gpu_suite.tgz")
+    for name in ("./benchmark_rows.md", "./profile_step.json", "./smoke_run/metrics.jsonl", "./status/tests.json"):
+        assert name in packed
+    assert not any(c.startswith("./synthetic") or c.endswith((".pth", ".png")) for c in packed)
     assert any(p.suffix == ".pth" for p in suite.rglob("*"))  # checkpoints and trunks were there, and stayed
+
+
+def fake_python(tmp_path: Path, sleeps: dict[str, int]) -> Path:
+    """A stand-in for the GPU machine's python3: every check passes, env.json names a fake GPU, and a stage's
+    command sleeps the seconds given for the tool it runs ("-m pytest", "tools/profile_step.py", ...)."""
+    cases = "\n".join(f'    *"{tool}"*) sleep {secs} ;;' for tool, secs in sleeps.items())
+    script = tmp_path / "python3"
+    script.write_text(f"""#!/usr/bin/env bash
+if [ "$1" = - ]; then
+    cat > /dev/null
+    case "$2" in *env.json) echo '{{"device": "Fake GPU", "stack": "torch 0"}}' > "$2" ;; *) mkdir -p "$2" ;; esac
+    exit 0
+fi
+case "$1 $2" in
+{cases}
+esac
+exit 0
+""")
+    script.chmod(0o755)
+    return script
+
+
+def test_a_call_keeps_to_its_time_and_packs_after_every_stage(tmp_path):
+    """CALL_SECONDS=58: the first stage (2 s) runs; the second gets what is left less 20 s (36 s) and is cut there;
+    the third would get less than 30 s and is not started, but marked so. The archive holds all three statuses,
+    each naming the machine."""
+    root = suite_copy(tmp_path)
+    py = fake_python(tmp_path, {"-m pytest": 2, "tools/profile_step.py": 100})
+    out = tmp_path / "out"
+    res = subprocess.run(["bash", str(root / "tools" / "gpu_suite.sh"), "tests", "step", "pipeline"],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHON": str(py), "SUITE_DIR": str(tmp_path / "suite"),
+                              "COPY_TO": str(out), "CALL_SECONDS": "58"})
+    assert res.returncode == 0, res.stdout + res.stderr
+    packed = _archive(out / "gpu_suite.tgz")
+    st = {n: json.loads(packed[f"./status/{n}.json"]) for n in ("tests", "step", "pipeline")}
+    assert st["tests"]["status"] == "ok" and st["tests"]["env"]["device"] == "Fake GPU"
+    assert st["step"]["status"].startswith("timed out after 3") and 30 <= st["step"]["seconds"] <= 40
+    assert st["pipeline"]["status"].startswith("not run: this call had") and "CALL_SECONDS=58" in \
+        st["pipeline"]["status"]
+    assert "pipeline: not run" in res.stdout and "run it in another call" in res.stdout
+    lines, problems = gpu_suite_report.report(tmp_path / "suite", "2026-01-02")
+    assert "## GPU suite, 2026-01-02, Fake GPU, torch 0" in "".join(lines)
+    assert any(p.startswith("profile_pipeline: not run: this call had") for p in problems)
+
+
+def test_report_names_each_machine_when_calls_ran_on_different_ones(cpu_suite, tmp_path):
+    suite = tmp_path / "suite"
+    shutil.copytree(cpu_suite, suite)
+    for name, device in (("tests", "NVIDIA H100"), ("step", "NVIDIA H200")):
+        (suite / "status" / f"{name}.json").write_text(json.dumps(
+            {"status": "ok", "seconds": 1, "env": {"device": device, "stack": "torch 2.11"}}))
+    text = "".join(gpu_suite_report.report(suite, "2026-01-02")[0])
+    assert "## GPU suite, 2026-01-02, on 3 machines" in text
+    assert "- NVIDIA H100, torch 2.11: tests\n" in text and "- NVIDIA H200, torch 2.11: step\n" in text
+    assert "- cpu, torch " in text  # the stages whose status names no machine: env.json's
 
 
 def test_a_cut_off_profile_keeps_its_finished_modes(cpu_suite, tmp_path):
@@ -165,20 +232,26 @@ def test_a_cut_off_profile_keeps_its_finished_modes(cpu_suite, tmp_path):
     shutil.copytree(cpu_suite, suite)
     prof = json.loads((suite / "profile_step.json").read_text())
     partial = {"args": {**prof["args"], "modes": ["official", "eager", "graph", "compile"]},
-               "rows": [r for r in prof["rows"] if r["mode"] == "official"], "partial": True}
+               "rows": [r for r in prof["rows"] if r["mode"] == "official"], "sinkhorn": prof["sinkhorn"],
+               "partial": True}
     (suite / "profile_step.json").write_text(json.dumps(partial))
     (suite / "status" / "step.json").write_text(json.dumps({"status": "timed out after 540 s", "seconds": 550}))
     lines, problems = gpu_suite_report.report(suite, "2026-01-02")
     text = "".join(lines)
     assert "FLOPs not counted" in text and "| official |" in text and "| - | - |" in text  # no TFLOP/s, no MFU
     assert "profile_step stopped after 1 of 4 modes: timed out after 540 s, 550 s" in " ".join(problems)
-    # every mode measured (their table is written first), then cut off in Sinkhorn alone
-    (suite / "profile_step.json").write_text(json.dumps({**prof, "partial": True, "sinkhorn": []}))
+    # every mode measured (Sinkhorn alone came first), then cut off before the table and its FLOP count
+    (suite / "profile_step.json").write_text(json.dumps({**prof, "partial": True}))
+    _, problems = gpu_suite_report.report(suite, "2026-01-02")
+    assert "profile_step stopped after every mode, before its table (FLOPs not counted): timed out" in \
+        " ".join(problems)
+    # cut off in Sinkhorn alone, the first thing it times
+    (suite / "profile_step.json").write_text(json.dumps({"args": prof["args"], "rows": [], "partial": True}))
     _, problems = gpu_suite_report.report(suite, "2026-01-02")
     assert "profile_step stopped while timing Sinkhorn alone: timed out" in " ".join(problems)
 
 
-def test_profile_step_writes_rows_after_each_mode(tmp_path, monkeypatch):
+def test_profile_step_writes_sinkhorn_then_rows_after_each_mode(tmp_path, monkeypatch):
     seen = []
     real = profile_step.profile
 
@@ -192,5 +265,35 @@ def test_profile_step_writes_rows_after_each_mode(tmp_path, monkeypatch):
     assert profile_step.main(["--device", "cpu", "--arch", "resnet18", "--batch", "2", "--sizes", "32", "--counts",
                               "2", "--prototypes", "10", "--queue", "0", "--steps", "1", "--warmup", "1", "--modes",
                               "official", "eager", "--sinkhorn-shape", "10", "8", "--json", out]) == 0
-    assert seen == [None, ["official"]]
+    assert seen == [[], ["official"]]  # written before and after Sinkhorn alone, which comes first
     assert "partial" not in json.loads((tmp_path / "p.json").read_text())
+
+
+def test_profile_pipeline_keeps_going_after_a_failed_measurement(photo_folder, tmp_path, monkeypatch):
+    """The decode+augment row failing (nvJPEG refusing a batch, say) costs that row only: the reference pipeline and
+    the host cost are still measured, the JSON is rewritten after each measurement, the exit code says a
+    measurement failed, and the report lists it."""
+    seen = []
+    out = tmp_path / "suite" / "profile_pipeline.json"
+    out.parent.mkdir()
+
+    def broken(*a, **k):
+        raise RuntimeError("nvjpeg says no")
+
+    def spy(*a, **k):  # the reference host cost runs last: the JSON holds the rows measured before it
+        seen.append(json.loads(out.read_text()))
+        return real_cost(*a, **k)
+
+    real_cost = profile_pipeline.reference_host_cost
+    monkeypatch.setattr(profile_pipeline, "time_device_side", broken)
+    monkeypatch.setattr(profile_pipeline, "reference_host_cost", spy)
+    assert profile_pipeline.main(["--data", str(photo_folder), "--pipelines", "reference", "--batch-size", "4",
+                                  "--batches", "1", "--warmup", "1", "--workers", "0", "--sizes", "32", "16",
+                                  "--counts", "2", "2", "--host-cost", "4", "--json", str(out)]) == 1
+    assert seen[0]["partial"] and [r["pipeline"] for r in seen[0]["rows"]] == ["reference"]
+    rep = json.loads(out.read_text())
+    assert "partial" not in rep and [r["pipeline"] for r in rep["rows"]] == ["reference"]
+    assert rep["host_cost"]["reference"]["samples"] == 4
+    assert rep["not_run"] == ["decode+augment: failed (RuntimeError: nvjpeg says no)"]
+    _, problems = gpu_suite_report.report(out.parent, "2026-01-02")
+    assert "profile_pipeline, decode+augment: failed (RuntimeError: nvjpeg says no)" in problems

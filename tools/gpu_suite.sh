@@ -1,38 +1,41 @@
 #!/usr/bin/env bash
 # GPU verification from a fresh checkout on a CUDA machine (no network needed), in stages:
-#   bash tools/gpu_suite.sh                  # every stage, then the report
-#   bash tools/gpu_suite.sh tests step       # only these stages (then `... report` when all are done)
-# Stages: tests (the GPU-only tests), step (tools/profile_step.py on CUDA: official-style, eager, compile, graph),
-# pipeline (tools/profile_pipeline.py on CUDA, synthetic JPEGs), smoke (224 training steps in graph mode), modes
-# (12 steps each in eager, compile and graph mode, to compare losses), report (tools/gpu_suite_report.py: dated
-# rows appended to BENCHMARKS.md, each target checked, and the list of what failed or could not run).
+#   bash tools/gpu_suite.sh                  # every stage, then the report (on a GPU machine of your own)
+#   bash tools/gpu_suite.sh step tests       # only these stages, in this order
+# Stages: tests (the GPU-only tests), step (tools/profile_step.py on CUDA: Sinkhorn alone, then official-style,
+# eager, graph, compile), pipeline (tools/profile_pipeline.py on CUDA, synthetic JPEGs), smoke (224 training steps
+# in graph mode), modes (12 steps each in eager, compile and graph mode, to compare losses), report
+# (tools/gpu_suite_report.py: dated rows appended to BENCHMARKS.md, each target checked, and the list of what
+# failed or could not run; needs no GPU).
 # Environment: PYTHON (default python3; its torch >= 2.11 and triton are used), WHEELS (default ./wheels: where
-# missing pure helpers such as pytest and rich are installed from), SUITE_DIR (default gpu_suite_out, git-ignored),
-# STAGE_TIMEOUT (seconds per command, default 540), COPY_TO (a directory that the small outputs, not the images
-# nor the checkpoints, are copied to at the end; the device tool's $OUT), MODES (the step modes the modes stage
+# missing helpers such as pytest and rich are installed from; the device image has them), SUITE_DIR (default
+# gpu_suite_out, git-ignored), STAGE_TIMEOUT (seconds per stage at most, default 540), CALL_SECONDS (default 570:
+# the whole command's budget; a stage gets at most what is left of it less 20 s, and one that would get less than
+# 30 s is not started but marked so), COPY_TO (a directory that one archive, gpu_suite.tgz, of the small outputs
+# is written to after every stage: no images, checkpoints or plots), MODES (the step modes the modes stage
 # trains, default "eager compile graph").
 #
-# With the device tool: a call may run 600 s and a session has 30 min, so run one or two stages per call.
-# SUITE_DIR stays on the warm machine between calls (it is git-ignored), so the last call can make the report:
-#   COPY_TO=$OUT bash tools/gpu_suite.sh tests        (carry: ["wheels"] on the first call)
-#   COPY_TO=$OUT bash tools/gpu_suite.sh step
-#   COPY_TO=$OUT bash tools/gpu_suite.sh pipeline smoke
-#   MODES="eager graph" COPY_TO=$OUT bash tools/gpu_suite.sh modes
-#   MODES=compile COPY_TO=$OUT bash tools/gpu_suite.sh modes      (inductor on ResNet-50 may take minutes)
-#   COPY_TO=$OUT bash tools/gpu_suite.sh report
-# then copy $OUT's benchmark_rows.md into BENCHMARKS.md here. Preparing the wheels on a machine with network, for
-# a GPU machine with Python 3.12 and none (43 MB, within carry's 64 MiB):
-#   pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-#       --platform manylinux_2_17_x86_64 --platform any -d wheels pytest rich pillow numpy matplotlib
+# With the device tool: a call may run 600 s, a session has 30 min of device time, at most 8 files come back per
+# call, and each call usually starts a fresh machine (a warm one is given back 30 s after a call). So every call
+# is self-contained and returns one archive; the report is made here, from all the archives together:
+#   call 1: COPY_TO=$OUT bash tools/gpu_suite.sh step                            (the issue's targets first)
+#   call 2: MODES="eager graph" COPY_TO=$OUT bash tools/gpu_suite.sh tests modes smoke pipeline
+#   call 3: MODES=compile COPY_TO=$OUT bash tools/gpu_suite.sh modes   (inductor compiles ResNet-50 three times:
+#           the compiled step specialises on the freeze and queue phases, and the 12 steps cross both)
+#   after each call, here: mkdir -p gpu_suite_out && tar -xzf <files_at>/gpu_suite.tgz -C gpu_suite_out
+#   at the end, here:      bash tools/gpu_suite.sh report     (appends the rows to BENCHMARKS.md)
+# A stage that a call had no time left for says so in the report; run it in another call.
 # UNVERIFIED: everything this script checks was written without a GPU and has not run on one yet (the CUDA-graph
 # step, the fused Sinkhorn on a GPU, nvJPEG decode + gpu_augment on CUDA, every GPU figure). FFCV and DALI are not
-# on the GPU machine (no cp312 wheels small enough to carry), so their loaders are profiled only where installed.
+# on the GPU machine, so their loaders are profiled only where installed.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 WHEELS=${WHEELS:-wheels}
 DIR=${SUITE_DIR:-gpu_suite_out}
 LIMIT=${STAGE_TIMEOUT:-540}
+CALL=${CALL_SECONDS:-570}
+T0=$(date +%s)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 ALL=(tests step pipeline smoke modes report)
 stages=("$@")
@@ -52,18 +55,42 @@ for m in $MODE_LIST; do
 done
 mkdir -p "$DIR/status"
 
-# run_stage NAME LOG COMMAND...: run with a time limit, keep stdout+stderr in $DIR/LOG, record the outcome
+# pack: the small outputs as one archive in $COPY_TO (the device tool returns at most 8 files), rewritten after
+# every stage so that a call cut short still returns what its finished stages made
+pack() {
+    [ -n "${COPY_TO:-}" ] || return 0
+    mkdir -p "$COPY_TO"
+    tar -czf "$COPY_TO/gpu_suite.tgz.part" -C "$DIR" --exclude=./synthetic --exclude='*.pth' --exclude='*.png' \
+        --exclude='*.part' . && mv "$COPY_TO/gpu_suite.tgz.part" "$COPY_TO/gpu_suite.tgz"
+}
+
+# status NAME TEXT SECONDS LOG: the stage's outcome, with the machine it ran on (calls may land on other machines)
+status() {
+    printf '{"status": "%s", "seconds": %d, "log": "%s", "env": %s}\n' "$2" "$3" "$4" \
+        "$(cat "$DIR/env.json" 2>/dev/null || echo null)" > "$DIR/status/$1.json"
+}
+
+# run_stage NAME LOG COMMAND...: run within this call's time left, keep stdout+stderr in $DIR/LOG, record the outcome
 run_stage() {
-    local name=$1 log=$2 start rc status
+    local name=$1 log=$2 start rc st limit
     shift 2
     start=$(date +%s)
-    timeout -k 10 "$LIMIT" "$@" > "$DIR/$log" 2>&1
+    limit=$(( T0 + CALL - start - 20 ))
+    [ "$limit" -gt "$LIMIT" ] && limit=$LIMIT
+    if [ "$limit" -lt 30 ]; then
+        st="not run: this call had $(( limit + 20 > 0 ? limit + 20 : 0 )) s of its CALL_SECONDS=$CALL left"
+        status "$name" "$st" 0 "$log"
+        echo "gpu_suite: $name: $st; run it in another call"
+        pack
+        return
+    fi
+    timeout -k 10 "$limit" "$@" > "$DIR/$log" 2>&1
     rc=$?
-    case $rc in 0) status=ok ;; 124|137) status="timed out after $LIMIT s" ;; *) status="failed (exit $rc)" ;; esac
-    printf '{"status": "%s", "seconds": %d, "log": "%s"}\n' "$status" "$(( $(date +%s) - start ))" "$log" \
-        > "$DIR/status/$name.json"
-    echo "gpu_suite: $name: $status ($(( $(date +%s) - start )) s); last lines of $DIR/$log:"
+    case $rc in 0) st=ok ;; 124|137) st="timed out after $limit s" ;; *) st="failed (exit $rc)" ;; esac
+    status "$name" "$st" "$(( $(date +%s) - start ))" "$log"
+    echo "gpu_suite: $name: $st ($(( $(date +%s) - start )) s); last lines of $DIR/$log:"
     tail -n 6 "$DIR/$log" | sed 's/^/    /'
+    pack
 }
 
 # synthetic ImageFolder of 2048 photo-like JPEGs (4 classes, 500x375), made once
@@ -151,11 +178,6 @@ for s in "${stages[@]}"; do
     esac
 done
 
-if [ -n "${COPY_TO:-}" ]; then
-    mkdir -p "$COPY_TO"
-    (cd "$DIR" && find . -path ./synthetic -prune -o -type f \( -name '*.txt' -o -name '*.json' -o -name '*.jsonl' \
-        -o -name '*.md' \) -print | while read -r f; do
-            mkdir -p "$COPY_TO/$(dirname "$f")" && cp "$f" "$COPY_TO/$f"
-        done)
-    echo "gpu_suite: outputs copied to $COPY_TO"
-fi
+pack
+[ -n "${COPY_TO:-}" ] && echo "gpu_suite: outputs packed into $COPY_TO/gpu_suite.tgz (unpack into gpu_suite_out here)"
+exit 0

@@ -4,9 +4,10 @@
     python tools/gpu_suite_report.py gpu_suite_out --append BENCHMARKS.md       # and appends the rows there
 
 It reads whatever the stages produced; a stage that did not run, failed or timed out is named as such, never
-filled in. Inputs (all optional): env.json (device, software stack), status/<name>.json (each command's outcome
-and seconds), tests.txt, profile_step.json, profile_pipeline.json, smoke_run/metrics.jsonl and
-modes_<eager|compile|graph>/metrics.jsonl.
+filled in. Inputs (all optional): status/<name>.json (each stage's outcome, seconds and machine), env.json (the
+machine, for stages whose status does not name it), tests.txt, profile_step.json, profile_pipeline.json,
+smoke_run/metrics.jsonl and modes_<eager|compile|graph>/metrics.jsonl. The directory may gather the archives of
+several gpu_suite.sh calls (unpacked into it one after the other).
 """
 
 from __future__ import annotations
@@ -55,17 +56,39 @@ def _status(suite: Path, name: str) -> str:
     return st["status"] + (f", {st['seconds']} s" if "seconds" in st else "")
 
 
+def _machines(suite: Path, stages: tuple[str, ...]) -> dict[tuple[str, str], list[str]]:
+    """{(device, software stack): the stages that ran there}, from each stage's status (gpu_suite.sh records the
+    call's env.json in it: calls of the device tool usually start fresh machines, maybe of another kind); stages
+    without one (older suites) take the directory's env.json."""
+    default = _json(suite / "env.json")
+    machines: dict[tuple[str, str], list[str]] = {}
+    for name in stages:
+        st = _json(suite / "status" / f"{name}.json")
+        if st is None:
+            continue
+        env = st.get("env") or default or {}
+        machines.setdefault((env.get("device", "unknown device"), env.get("stack", "unknown stack")), []).append(name)
+    if not machines and default:
+        machines[(default.get("device", "unknown device"), default.get("stack", "unknown stack"))] = []
+    return machines
+
+
 def _verdict(ok: bool | None) -> str:
     return "not measured" if ok is None else ("**met**" if ok else "**NOT met**")
 
 
 def report(suite: Path, today: str) -> tuple[list[str], list[str]]:
     """(markdown lines, problems): the rows for BENCHMARKS.md and what failed or could not be measured."""
-    env = _json(suite / "env.json") or {}
-    device, stack = env.get("device", "unknown device"), env.get("stack", "unknown stack")
-    lines = [f"\n## GPU suite, {today}, {device}, {stack}\n\n", "`bash tools/gpu_suite.sh` (stages: "
-             + ", ".join(f"{n} {_status(suite, n)}" for n in ("tests", "step", "pipeline", "smoke",
-                                                              *(f"modes_{m}" for m in MODES))) + ")\n\n"]
+    stages = ("tests", "step", "pipeline", "smoke", *(f"modes_{m}" for m in MODES))
+    machines = _machines(suite, stages)
+    if len(machines) <= 1:
+        device, stack = next(iter(machines), ("unknown device", "unknown stack"))
+        lines = [f"\n## GPU suite, {today}, {device}, {stack}\n\n"]
+    else:  # the device tool may start each call on another kind of machine: figures compare within a stage only
+        lines = [f"\n## GPU suite, {today}, on {len(machines)} machines\n\n"] + [
+            f"- {device}, {stack}: {', '.join(names)}\n" for (device, stack), names in machines.items()] + ["\n"]
+    lines.append("`bash tools/gpu_suite.sh` (stages: " + ", ".join(f"{n} {_status(suite, n)}" for n in stages)
+                 + ")\n\n")
     problems: list[str] = []
 
     # ---- GPU-only tests
@@ -83,9 +106,11 @@ def report(suite: Path, today: str) -> tuple[list[str], list[str]]:
         problems.append(f"profile_step: {_status(suite, 'step')} (see {suite / 'profile_step.txt'})")
     else:
         a = prof.get("args", {})
-        if prof.get("partial"):
+        if prof.get("partial"):  # written after Sinkhorn alone, then after every mode
             done, modes = len(prof.get("rows", [])), len(a.get("modes") or [])
-            where = "while timing Sinkhorn alone" if done == modes else f"after {done} of {modes} modes"
+            where = ("while timing Sinkhorn alone" if "sinkhorn" not in prof else
+                     f"after {done} of {modes} modes" if done < modes else
+                     "after every mode, before its table (FLOPs not counted)")
             problems.append(f"profile_step stopped {where}: {_status(suite, 'step')} "
                             f"(see {suite / 'profile_step.txt'})")
         flops = (f"{prof['flops_per_step'] / 1e9:.1f} GFLOP per step" if prof.get("flops_per_step")
@@ -141,6 +166,11 @@ def report(suite: Path, today: str) -> tuple[list[str], list[str]]:
             lines.append(f"- host CPU time per sample, {k}: {v['cpu_ms_per_sample']:.3f} ms\n")
         for n in pipe.get("not_run", []):
             lines.append(f"- pipeline not run: {n}\n")
+            if ": failed (" in n:
+                problems.append(f"profile_pipeline, {n}")
+        if pipe.get("partial"):  # rewritten after every measurement; cut off before the end
+            problems.append(f"profile_pipeline stopped before the end: {_status(suite, 'pipeline')} "
+                            f"(see {suite / 'profile_pipeline.txt'})")
 
     # ---- training smoke run
     smoke = _metrics(suite / "smoke_run" / "metrics.jsonl")
