@@ -495,7 +495,7 @@ def smooth_images(sizes: list[tuple[int, int]], seed: int = 0) -> list[torch.Ten
 @pytest.fixture
 def photos_or_synthetic(request) -> list[torch.Tensor]:
     """The real photos where scikit-image/-learn are installed; else smooth synthetic images of the same sizes
-    (the GPU machine has neither package, and this CUDA-vs-CPU comparison does not need real photographs)."""
+    (this CUDA-vs-CPU comparison does not need real photographs, so a GPU machine without them still runs it)."""
     try:
         return request.getfixturevalue("photos")
     except pytest.skip.Exception:
@@ -516,7 +516,7 @@ def test_cuda_matches_contract_and_cpu_ops(photos_or_synthetic):
 
 # ------------------------------------------------------------------------ decode_rgb (the ffcv path's decode)
 def _jpeg_bytes(n: int, hw: tuple[int, int] = (375, 500), seed: int = 0) -> list[torch.Tensor]:
-    """Baseline JPEGs of smooth_images, with PIL only (the GPU machine lacks scikit-image)."""
+    """Baseline JPEGs of smooth_images, with PIL only (no scikit-image needed)."""
     import io
 
     out = []
