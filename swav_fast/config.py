@@ -88,7 +88,8 @@ class Config:
                             choices=("reference", "triton"))
     step_mode: str = _f("eager", "eager (DDP with several ranks); compile: the whole step (forward, backward, "
                         "gradient all-reduce, LARS, queue) as one torch.compile(fullgraph=True) graph; graph (CUDA "
-                        "only): the same step captured once as a CUDA graph and replayed; same numbers in all three",
+                        "only): the same step captured once as a CUDA graph and replayed. Eager and graph give the "
+                        "same numbers; compile's fused kernels round differently, as inductor does",
                         choices=("eager", "compile", "graph"))
     # ----- run -----
     run_dir: str = _f("runs/swav", "directory for checkpoints, metrics, config and the exported trunk")
