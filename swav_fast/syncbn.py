@@ -17,6 +17,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules._functions import SyncBatchNorm as _TorchSyncBatchNormFunction
 
+# torch 2.14 renamed all_gather_into_tensor (now deprecated, with a FutureWarning) to all_gather_single; 2.11 has
+# only the old name
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 class _SyncBatchNormFunction(_TorchSyncBatchNormFunction):
     """torch's SyncBatchNorm autograd Function with a forward that has no boolean mask (backward: torch's)."""
@@ -34,13 +38,12 @@ class _SyncBatchNormFunction(_TorchSyncBatchNormFunction):
         mean, invstd = torch.batch_norm_stats(input, eps)
         count = torch.full((1,), input.numel() // channels, dtype=mean.dtype, device=mean.device)
         local = torch.cat([mean, invstd, count])  # 2C + 1 values
-        if dist.get_backend(process_group) == "gloo":  # gloo has no all_gather_into_tensor
-            parts = [torch.empty_like(local) for _ in range(world_size)]
-            dist.all_gather(parts, local, process_group)
-            gathered = torch.stack(parts)
-        else:
-            gathered = torch.empty(world_size, local.numel(), dtype=local.dtype, device=local.device)
-            dist.all_gather_into_tensor(gathered, local, process_group)
+        # Into a flat buffer, then viewed [W, 2C + 1]: torch.compile turns the call into a functional all-gather,
+        # which returns the flat concatenation and cannot copy it into a [W, 2C + 1] output (fullgraph fails with
+        # NCCL at the first step). Every backend takes this form (gloo too, so the CPU tests run the GPU's path).
+        gathered = torch.empty(world_size * local.numel(), dtype=local.dtype, device=local.device)
+        _all_gather_single(gathered, local, process_group)
+        gathered = gathered.view(world_size, local.numel())
         mean_all, invstd_all, count_all = gathered.split(channels, dim=1)  # [W, C], [W, C], [W, 1]
         counts = count_all.reshape(-1)
         if running_mean is not None and counts.dtype != running_mean.dtype:

@@ -181,6 +181,49 @@ def test_a_full_graph_traces_it_on_two_ranks(tmp_path):
         assert "TRACED True" in stdout.splitlines(), stdout + stderr[-3000:]
 
 
+_FAKE_BACKEND_PROBE = r"""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+sys.path.insert(0, sys.argv[1])
+import syncbn_standins
+from swav_fast.syncbn import convert_sync_batchnorm
+
+syncbn_standins.register()
+dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+torch._dynamo.config.trace_autograd_ops = True
+bn = convert_sync_batchnorm(torch.nn.BatchNorm2d(3))
+
+
+def step(x):
+    loss = (bn(x) ** 2).sum()
+    loss.backward()
+    return loss.detach()
+
+
+step(torch.randn(4, 3, 5, 5))
+torch.compile(step, fullgraph=True, backend="aot_eager")(torch.randn(4, 3, 5, 5))
+print("COMPILED", dist.get_backend(), flush=True)
+os._exit(0)
+"""
+
+
+def test_a_full_graph_traces_it_with_a_backend_other_than_gloo(tmp_path):
+    """What NCCL runs, without GPUs: torch's fake process group (a backend that is not gloo, 2 ranks in one
+    process). The all-gather must give torch.compile's functional collective a flat output: a [W, 2C + 1] one fails
+    in fullgraph tracing (it did, at the first step of --step_mode compile with SyncBN on several GPUs)."""
+    script = tmp_path / "probe.py"
+    script.write_text(_FAKE_BACKEND_PROBE)
+    env = {**__import__("os").environ, "PYTHONPATH": str(TESTS.parent), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), str(TESTS)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0 and "COMPILED fake" in proc.stdout, proc.stderr[-3000:]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_kernels_on_one_nccl_rank_match_torch_and_batch_norm(dtype):
