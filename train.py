@@ -154,14 +154,24 @@ def _main(argv: list[str] | None) -> int:
         shutdown()
         return 2
 
+    def stop_together(message: str | None) -> bool:
+        """Whether any rank failed a setup step (`message`, on the ranks where it failed; None elsewhere), agreed
+        by every rank, so that none waits in a collective for a rank that has stopped (NCCL would wait for its
+        10-minute watchdog). Each failing rank says why (another rank's message carries its number); rank 0 says
+        so when only another rank failed."""
+        failed = agree_any([message is not None], info)[0]
+        if message is not None:
+            console.print(("" if info.is_main else f"rank {info.rank}: ") + message, highlight=False)
+        elif failed:
+            log("[bold red]stopped:[/] another rank failed to set up (its message above or in its log)",
+                highlight=False)
+        return failed
+
     def run_dir_unwritable(error: OSError | None) -> bool:
-        """Whether rank 0 failed to write in the run directory (`error`, None elsewhere), agreed by every rank so
-        that none waits for a rank 0 that has stopped; said once."""
-        if not agree_any([error is not None], info)[0]:
-            return False
-        log(f"[bold red]error:[/] cannot write in --run_dir {run_dir} ({type(error).__name__}: {error}); choose a "
-            "directory this user can write, with free space", highlight=False)
-        return True
+        """Whether rank 0 failed to write in the run directory (`error`, None elsewhere), agreed by every rank."""
+        return stop_together(None if error is None else f"[bold red]error:[/] cannot write in --run_dir {run_dir} "
+                             f"({type(error).__name__}: {error}); choose a directory this user can write, with "
+                             "free space")
 
     unwritable = None
     if info.is_main:
@@ -186,10 +196,12 @@ def _main(argv: list[str] | None) -> int:
 
     # ============================== data ==============================
     spec = MultiCropSpec.from_config(cfg)
+    problem = None
     try:
         loader = pipelines.build(spec, cfg, info.device, info.rank, info.world_size)
     except (ValueError, FileNotFoundError, ImportError) as e:
-        log(f"[bold red]data error:[/] {e}", highlight=False)
+        problem = f"[bold red]data error:[/] {e}"
+    if stop_together(problem):
         shutdown()
         return 2
     steps_per_epoch = len(loader)
@@ -206,12 +218,14 @@ def _main(argv: list[str] | None) -> int:
         else:
             log("note: SyncBatchNorm needs CUDA; on CPU every rank normalises with its own batch statistics "
                 "(plain BatchNorm)")
-    if cfg.init_from and fresh:
+    if cfg.init_from and fresh:  # the same on every rank (compared at the start)
+        problem = None
         try:
             weights, kind = interop.read_checkpoint(cfg.init_from)
             report = interop.load_into_swav_model(weights, model, strict_head=False, source=cfg.init_from)
         except (interop.InteropError, OSError) as e:
-            log(f"[bold red]--init_from error:[/] {e}", highlight=False)
+            problem = f"[bold red]--init_from error:[/] {e}"
+        if stop_together(problem):
             shutdown()
             return 2
         log(f"initialised from {cfg.init_from} ({kind}): {report.summary()}", highlight=False)
@@ -251,7 +265,7 @@ def _main(argv: list[str] | None) -> int:
 
     # ============================== resume ==============================
     start_epoch, start_step, iteration, queue, epoch_loss_sum = 0, 0, 0, None, 0.0
-    state = None
+    state, problem, resume_from = None, None, None
     try:
         if cfg.resume == "auto":
             found = ckpt.load_latest(run_dir, warn=lambda m: log(f"[yellow]{m}[/]", highlight=False))
@@ -259,9 +273,19 @@ def _main(argv: list[str] | None) -> int:
         elif cfg.resume:
             resume_from, state = Path(cfg.resume), ckpt.load(cfg.resume)
     except ckpt.CheckpointError as e:
-        log(f"[bold red]resume error:[/] {e}", highlight=False)
+        problem = f"[bold red]resume error:[/] {e}"
+    if stop_together(problem):
         shutdown(model)
         return 2
+    if info.world_size > 1:
+        # the newest checkpoint was compared at the start, but a rank skips one that fails its checks there (a
+        # partly copied file on one node's view of the filesystem) and takes an older one
+        differ = first_disagreement(gather_objects({"checkpoint resumed from": str(resume_from)}, info))
+        if differ:
+            log(f"[bold red]resume error:[/] the ranks would resume from different checkpoints ({differ}); every "
+                "node must see the same, complete files in --run_dir", highlight=False)
+            shutdown(model)
+            return 2
     if state is not None:
         core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

@@ -38,10 +38,16 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def cuda_index(local_rank: int, n_visible: int) -> int:
+def cuda_index(local_rank: int, n_visible: int, local_world_size: int = 1, visible_devices: str | None = None) -> int:
     """The GPU of a local rank: its own index when every GPU of the node is visible (torchrun), 0 when each process
-    sees one GPU (SLURM with --gpus-per-task=1 sets CUDA_VISIBLE_DEVICES per task)."""
+    sees one GPU (SLURM with --gpus-per-task=1 sets CUDA_VISIBLE_DEVICES per task). Several processes of a node
+    (torchrun's LOCAL_WORLD_SIZE) that see the one GPU of an unrestricted machine (no CUDA_VISIBLE_DEVICES) would
+    all take it, which NCCL refuses ("Duplicate GPU detected"): said here instead."""
     if n_visible == 1:
+        if local_world_size > 1 and visible_devices is None:
+            raise RuntimeError(f"{local_world_size} processes on this node (torchrun --nproc_per_node), but it has "
+                               "one GPU: start one process per GPU (torchrun --nproc_per_node=1), or give each "
+                               "process its own GPU through CUDA_VISIBLE_DEVICES")
         return 0
     if local_rank >= n_visible:
         raise RuntimeError(f"LOCAL_RANK {local_rank}, but this process sees {n_visible} GPUs: start at most "
@@ -57,7 +63,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
         raise RuntimeError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     if use_cuda:
-        dev = torch.device("cuda", cuda_index(local, torch.cuda.device_count()))
+        dev = torch.device("cuda", cuda_index(local, torch.cuda.device_count(),
+                                              int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                                              os.environ.get("CUDA_VISIBLE_DEVICES")))
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")

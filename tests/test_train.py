@@ -143,6 +143,52 @@ def test_ranks_that_see_different_run_directories_stop_with_a_clear_error(digits
     assert ckpt.list_checkpoints(run_dir) == [newest]  # nothing written
 
 
+_FAILS_ON_RANK_1 = r'''
+import os, sys
+import train
+if os.environ["RANK"] == "1":  # what only rank 1's node sees
+    what = os.environ["FAIL"]
+    if what == "data":  # e.g. a .beton corrupted on that node's local disk
+        def build(*args, **kwargs):
+            raise ValueError("/data/train.beton is truncated, say")
+        train.pipelines.build = build
+    elif what == "resume":  # its copy of the checkpoint fails its checks, and no older one passes them
+        def load_latest(run_dir, warn=print):
+            raise train.ckpt.CheckpointError("no usable checkpoint, say")
+        train.ckpt.load_latest = load_latest
+    elif what == "older":  # it skips the newest checkpoint, a partial copy there, and takes the one before
+        real = train.ckpt.load_latest
+        def load_latest(run_dir, warn=print):
+            older = train.ckpt.list_checkpoints(run_dir)[-2]
+            return older, train.ckpt.load(older)
+        train.ckpt.load_latest = load_latest
+train.run_main(lambda: train.main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.parametrize("fail, message", [
+    ("data", "rank 1: data error: /data/train.beton is truncated, say"),
+    ("resume", "rank 1: resume error: no usable checkpoint, say"),
+    ("older", "resume error: the ranks would resume from different checkpoints (checkpoint resumed from: ")])
+def test_a_setup_failure_on_one_rank_stops_every_rank_at_once(digits_dir, tmp_path, fail, message):
+    """A setup step that fails on one rank only (the data, the checkpoint it reads): every rank stops with exit
+    code 2, the failing rank says why with its number, rank 0 says another rank failed; before, that rank left
+    and the others waited for it in their next collective (NCCL: its 10-minute watchdog), with no message from
+    rank 0. A rank that falls back to an older checkpoint than the others is stopped too."""
+    run_dir, script = tmp_path / "r", tmp_path / "fails_on_rank_1.py"
+    assert run(digits_dir, run_dir, "--batch_size", "4", "--epochs", "3", "--stop_after_epoch", "2") == 0
+    script.write_text(_FAILS_ON_RANK_1)
+    before = ckpt.list_checkpoints(run_dir)
+    proc = run_torchrun([str(script), "--run_dir", str(run_dir), "--resume", "auto"], 240,
+                        {"PYTHONPATH": str(REPO), "FAIL": fail})
+    text = " ".join(proc.stderr.split())
+    assert proc.returncode != 0 and message in text, proc.stderr[-3000:]
+    if fail != "older":
+        assert "stopped: another rank failed to set up" in text
+    assert "exitcode: 2" in proc.stderr and 'train.py", line' not in proc.stderr  # torchrun's traceback only
+    assert ckpt.list_checkpoints(run_dir) == before  # nothing written
+
+
 def test_first_disagreement_names_the_fact_and_the_rank():
     from swav_fast.distributed import first_disagreement
 
@@ -363,5 +409,8 @@ def test_cuda_index_of_a_local_rank():
 
     assert [cuda_index(r, 4) for r in range(4)] == [0, 1, 2, 3]  # torchrun: every GPU of the node visible
     assert cuda_index(3, 1) == 0  # SLURM --gpus-per-task=1: each process sees only its own GPU
+    assert cuda_index(3, 1, 4, "2") == 0  # torchrun, each rank given its GPU through CUDA_VISIBLE_DEVICES
+    with pytest.raises(RuntimeError, match=r"4 processes on this node .* but it has one GPU.*--nproc_per_node=1"):
+        cuda_index(1, 1, 4, None)  # torchrun --nproc_per_node=4 on a machine with one GPU
     with pytest.raises(RuntimeError, match=r"LOCAL_RANK 4, but this process sees 4 GPUs.*--nproc_per_node=4"):
         cuda_index(4, 4)
