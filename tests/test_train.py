@@ -157,7 +157,6 @@ if os.environ["RANK"] == "1":  # what only rank 1's node sees
             raise train.ckpt.CheckpointError("no usable checkpoint, say")
         train.ckpt.load_latest = load_latest
     elif what == "older":  # it skips the newest checkpoint, a partial copy there, and takes the one before
-        real = train.ckpt.load_latest
         def load_latest(run_dir, warn=print):
             older = train.ckpt.list_checkpoints(run_dir)[-2]
             return older, train.ckpt.load(older)

@@ -308,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     print("profiling the device side alone (decode + augment) ...", file=sys.stderr)
     row = measure("decode+augment", lambda: time_device_side(args.data, spec, device, args.batch_size,
                                                              args.batches, args.warmup, base.gpu_resample))
-    rows.extend([row] if row else [])
+    if row:
+        rows.append(row)
     save()
     for name in args.pipelines:
         why = available(name)
@@ -330,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
             return row
 
         row = measure(name, timed)
-        rows.extend([row] if row else [])
+        if row:
+            rows.append(row)
         save()
 
     if args.host_cost:
