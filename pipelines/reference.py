@@ -196,8 +196,9 @@ class ReferenceLoader:
                  rank: int = 0, world_size: int = 1, seed: int = 0, workers: int = 4, max_steps: int = 0):
         self.dataset = MultiCropDataset(data_path, spec, seed)
         self.num_samples = len(self.dataset)
-        # DistributedSampler semantics as the official loader: shuffled with (seed, epoch), padded to a
-        # multiple of world_size, every rank a disjoint strided shard; the DataLoader drops the last partial batch.
+        # DistributedSampler semantics as the official loader (whose sampler seed is 0; ours is --seed): shuffled
+        # with (seed, epoch), padded to a multiple of world_size, every rank a disjoint strided shard; the
+        # DataLoader drops the last partial batch.
         self.sampler = DistributedSampler(self.dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
         self.batch_size, self.device, self.workers = batch_size, device, workers
         self.steps = steps_per_epoch(len(self.sampler), batch_size, world_size, max_steps, len(self.dataset),

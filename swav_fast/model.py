@@ -43,7 +43,8 @@ class SwAVModel(nn.Module):
         return torch.flatten(self.avgpool(x), 1)
 
     def forward(self, crops: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """crops: list of [B, 3, H_i, W_i]. Returns (z [n_crops*B, feat] L2-normalised, scores [n_crops*B, K]).
+        """crops: list of [B, 3, H_i, W_i]. Returns (z [n_crops*B, feat] L2-normalised, scores [n_crops*B, K]), both
+        fp32 under autocast too.
 
         Consecutive crops of the same resolution are concatenated and go through the trunk in one call
         (so BatchNorm statistics are shared within a resolution group, as in the official code).
@@ -55,8 +56,14 @@ class SwAVModel(nn.Module):
                 end += 1
             feats.append(self.forward_trunk(torch.cat(crops[start:end])))
             start = end
-        z = F.normalize(self.projection_head(torch.cat(feats)), dim=1, p=2)
-        return z, self.prototypes(z)
+        h = self.projection_head(torch.cat(feats))
+        # fp32 from here even under autocast: the scores go into Sinkhorn's exp(s / eps), where eps = 0.05 multiplies
+        # their error by 20, and a bf16 score near 1 is off by up to 2^-9 (the official run's apex O1 fp16 is 8 times
+        # finer). The queue's scores, computed outside autocast, are fp32 too, so a Sinkhorn call never mixes two
+        # precisions. The cost is one small fp32 matmul (feat_dim x K per crop).
+        with torch.autocast(h.device.type, enabled=False):
+            z = F.normalize(h.float(), dim=1, p=2)
+            return z, self.prototypes(z)
 
     @torch.no_grad()
     def normalize_prototypes(self) -> None:

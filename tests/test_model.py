@@ -126,6 +126,22 @@ def test_embeddings_unit_norm_and_scores_are_cosines(train):
     torch.testing.assert_close(scores, z @ model.prototypes.weight.t(), rtol=1e-5, atol=1e-6)
 
 
+def test_scores_are_fp32_under_bf16_autocast():
+    """The trunk and head run in bf16, the normalisation and the prototypes in fp32: a bf16 score would be off by up
+    to 2^-9, which Sinkhorn's exp(s / eps) multiplies by 1 / eps."""
+    model = make_model(seed=11)
+    with torch.no_grad():
+        model.prototypes.weight.copy_(F.normalize(model.prototypes.weight, dim=1))
+    conv_dtypes = []
+    model.conv1.register_forward_hook(lambda m, i, out: conv_dtypes.append(out.dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        z, scores = model(make_crops([16, 8], bs=3, seed=12))
+    assert conv_dtypes == [torch.bfloat16] * 2  # autocast was on for the trunk
+    assert z.dtype == scores.dtype == torch.float32
+    exact = z @ model.prototypes.weight.t()
+    torch.testing.assert_close(scores, exact, rtol=0, atol=1e-6)
+    assert not torch.equal(scores, exact.bfloat16().float())  # not bf16 values in fp32 storage
+
 def test_normalize_prototypes_in_place():
     model = make_model(seed=10)
     w = model.prototypes.weight
