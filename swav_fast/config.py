@@ -120,8 +120,23 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
 def _closest(name: str) -> str:
+    """' (did you mean 'base_lr'?)' for a TOML key, '' when nothing is close."""
     match = difflib.get_close_matches(name.replace("-", "_"), FIELDS, n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _closest_flag(flag: str) -> str:
+    """' (did you mean '--base_lr'?)' for a command-line flag, spelled as the user spelled theirs (a hyphenated
+    typo gets the hyphenated alias); '' when nothing is close."""
+    name = flag.lstrip("-").split("=", 1)[0]
+    prefix = "no-" if name[:3] in ("no-", "no_") else ""  # --no-sync_bn / --no-sync-bn of a boolean option
+    name = name[len(prefix):]
+    candidates = [k for k, f in FIELDS.items() if _base_type(f) is bool] if prefix else list(FIELDS)
+    match = difflib.get_close_matches(name.replace("-", "_"), candidates, n=1, cutoff=0.5)
+    if not match:
+        return ""
+    suggestion = match[0].replace("_", "-") if "-" in name else match[0]
+    return f" (did you mean '--{prefix}{suggestion}'?)"
 
 
 def _base_type(f: dataclasses.Field) -> Any:
@@ -249,7 +264,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:  # type: ignore[override]
         if "unrecognized arguments" in message:
             flags = [a for a in message.split(":", 1)[1].split() if a.startswith("--")]
-            hints = [f"{a}{_closest(a.lstrip('-').split('=')[0])}" for a in flags]
+            hints = [f"{a}{_closest_flag(a)}" for a in flags]
             message = f"unrecognized arguments: {' '.join(hints) or message}"
         super().error(message)
 

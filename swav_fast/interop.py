@@ -14,7 +14,7 @@ numpy arrays in a swav_fast checkpoint's RNG state are allowed explicitly; anyth
 Usage::
 
     python -m swav_fast.interop info swav_800ep_pretrain.pth.tar
-    python -m swav_fast.interop export swav_800ep_pretrain.pth.tar trunk_resnet50.pth
+    python -m swav_fast.interop export swav_800ep_pretrain.pth.tar trunk_resnet50.pth [--force]
 """
 
 from __future__ import annotations
@@ -332,6 +332,18 @@ def describe(path: str | Path, trust_pickle: bool = False) -> dict:
     }
 
 
+def _check_export_output(checkpoint: Path, out: Path, force: bool) -> None:
+    """``export`` refuses to replace an existing file without --force, and never replaces the file it reads."""
+    if out.is_dir():
+        raise InteropError(f"output {out} is a directory: pass the path of the trunk file to write")
+    if not out.exists():
+        return
+    if checkpoint.exists() and out.resolve() == checkpoint.resolve():
+        raise InteropError(f"output {out} is the checkpoint being read: pass another output path")
+    if not force:
+        raise InteropError(f"output {out} already exists; it was left untouched (pass --force to overwrite it)")
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m swav_fast.interop",
@@ -343,7 +355,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     export = sub.add_parser("export", help="write the trunk as a torchvision state_dict (only fc.* missing)")
     export.add_argument("checkpoint", type=Path)
-    export.add_argument("out", type=Path)
+    export.add_argument("out", type=Path, help="the trunk file to write")
+    export.add_argument("--force", action="store_true", help="overwrite an existing output file")
     for p in (info, export):
         p.add_argument("--trust-pickle", action="store_true",
                        help="allow arbitrary pickled objects (runs code from the file; only for files you trust)")
@@ -364,6 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         v = ", ".join(v) or "(none: trunk only)"
                     print(f"{k:<{width}}  {v}")
         else:
+            _check_export_output(args.checkpoint, args.out, args.force)  # before the (possibly long) read
             cfg = official_to_torchvision(args.checkpoint, args.out, args.trust_pickle)
             print(f"wrote {args.out}: {cfg['arch']} trunk ({cfg['num_features']}-d features). Load it with "
                   f"torchvision.models.{cfg['arch']}().load_state_dict(torch.load('{args.out}'), strict=False)")

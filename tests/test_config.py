@@ -98,16 +98,20 @@ def test_unknown_toml_key_names_closest(tmp_path, key, closest):
         parse_config(["--preset", str(f)])
 
 
-@pytest.mark.parametrize("argv, closest", [(["--base_lrr", "1"], "base_lr"), (["--base_lrr=1"], "base_lr"),
-                                           (["--epsilonn", "0.1"], "epsilon"),
-                                           (["--freeze_prototype_niters", "3"], "freeze_prototypes_niters")])
+@pytest.mark.parametrize("argv, closest", [(["--base_lrr", "1"], "--base_lr"), (["--base_lrr=1"], "--base_lr"),
+                                           (["--epsilonn", "0.1"], "--epsilon"),
+                                           (["--freeze_prototype_niters", "3"], "--freeze_prototypes_niters"),
+                                           (["--base-lrr", "1"], "--base-lr"),  # the alias the user was typing
+                                           (["--no-sync-bnn"], "--no-sync-bn"), (["--no-sync_bnn"], "--no-sync_bn")])
 def test_unknown_flag_names_closest(capsys, argv, closest):
     with pytest.raises(SystemExit) as e:
         parse_config(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert argv[0].split("=")[0] in err
-    assert f"'{closest}'" in err
+    assert f"(did you mean '{closest}'?)" in err  # the flag as it is typed, not the field name
+    value = argv[0].partition("=")[2:] if "=" in argv[0] else argv[1:]
+    parse_config([closest, *value])  # and the suggestion is a flag that parses
 
 
 def test_unknown_preset_names_closest():

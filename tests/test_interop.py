@@ -222,6 +222,25 @@ def test_cli_info_and_export(tmp_path, official_file, capsys):
     assert out.is_file() and "wrote" in capsys.readouterr().out
 
 
+def test_cli_export_refuses_an_existing_output_without_force(tmp_path, official_file, capsys):
+    out = tmp_path / "trunk.pth"
+    out.write_bytes(b"precious")
+    assert interop.main(["export", str(official_file), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"interop: error: output {out} already exists; it was left untouched (pass --force to overwrite it)\n"
+    assert out.read_bytes() == b"precious"
+    assert interop.main(["export", str(official_file), str(out), "--force"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    result = torchvision.models.resnet18().load_state_dict(torch.load(out, weights_only=True), strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
+    # never the file being read, --force or not; nor a directory
+    before = official_file.read_bytes()
+    assert interop.main(["export", str(official_file), str(official_file), "--force"]) == 1
+    assert "is the checkpoint being read" in capsys.readouterr().err and official_file.read_bytes() == before
+    assert interop.main(["export", str(official_file), str(tmp_path)]) == 1
+    assert f"output {tmp_path} is a directory" in capsys.readouterr().err
+
+
 def test_cli_error_is_one_line_naming_the_file(tmp_path, capsys):
     assert interop.main(["export", str(tmp_path / "missing.pth.tar"), str(tmp_path / "o.pth")]) == 1
     err = capsys.readouterr().err

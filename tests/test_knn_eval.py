@@ -16,6 +16,7 @@ import torchvision
 from conftest import needs_ffcv
 from PIL import Image
 
+from tools import knn_eval
 from tools.knn_eval import (
     eval_transform,
     extract_features,
@@ -297,24 +298,43 @@ def test_cli_takes_a_run_checkpoint_and_reads_the_arch(tmp_path: Path, capsys: p
     assert figures["results"]["trained"]["top1"] == figures["results"]["baseline"]["top1"]
     assert "kNN on resnet18 features" in capsys.readouterr().out
 
-    assert main(argv + ["--arch", "resnet50"]) == 1
+    assert main(argv + ["--arch", "resnet50"]) == 2
     assert "holds a resnet18 trunk but --arch is resnet50" in capsys.readouterr().err
     # a --baseline is named as such: missing, or of another architecture than --trunk
     argv[argv.index("--baseline") + 1] = str(tmp_path / "nope.pth")
-    assert main(argv) == 1
+    assert main(argv) == 2
     assert f"--baseline {tmp_path / 'nope.pth'}: no such file" in capsys.readouterr().err
     torch.save({k: v for k, v in torchvision.models.resnet34().state_dict().items() if k[:3] != "fc."},
                tmp_path / "r34.pth")
     argv[argv.index("--baseline") + 1] = str(tmp_path / "r34.pth")
-    assert main(argv) == 1
+    assert main(argv) == 2
     assert f"--baseline {tmp_path / 'r34.pth'} holds a resnet34 trunk but --trunk a resnet18" in capsys.readouterr().err
+
+
+def test_cli_too_many_few_labels_names_the_option_before_any_feature(tmp_path: Path, monkeypatch,
+                                                                      capsys: pytest.CaptureFixture[str]):
+    train = make_folder(tmp_path / "train", {"a": 4, "b": 3}, seed=0)
+    val = make_folder(tmp_path / "val", {"a": 1, "b": 1}, seed=1)
+
+    def no_features(*args, **kwargs):
+        raise AssertionError("features computed before --few-labels was checked")
+
+    monkeypatch.setattr(knn_eval, "extract_features", no_features)
+    trunk = tmp_path / "trunk_resnet18.pth"
+    torch.save({k: v for k, v in torchvision.models.resnet18().state_dict().items() if k[:3] != "fc."}, trunk)
+    argv = ["--trunk", str(trunk), "--train", str(train), "--val", str(val), "--size", "32", "--few-labels", "500"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (f"knn_eval: error: --few-labels 500: class 'b' of --train {train} has only 3 images; pass "
+                   "--few-labels 3 or less (0 skips the few-label evaluation)\n"), err
+    assert "per_class" not in err
 
 
 def test_cli_bad_trunk_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     train = make_folder(tmp_path / "train", {"a": 1})
     bad = tmp_path / "bad.pth"
     torch.save({"conv1.weight": torch.zeros(1)}, bad)
-    assert main(["--trunk", str(bad), "--train", str(train), "--val", str(train), "--size", "32"]) == 1
+    assert main(["--trunk", str(bad), "--train", str(train), "--val", str(train), "--size", "32"]) == 2
     assert str(bad) in capsys.readouterr().err
 
 
@@ -344,6 +364,10 @@ def test_beton_input_gives_the_folder_figures(tmp_path: Path, capsys: pytest.Cap
                          data["settings"]["n_train"], data["settings"]["n_val"], data["settings"]["n_classes"])
     assert figures["betons"] == figures["folders"] == figures["mixed"]
     assert figures["folders"][2:] == (11, 6, 3)
+    # --few-labels above the smallest class: named as the option, class named from the sidecar
+    assert main(["--trunk", str(trunk), "--train", str(train_beton), "--val", str(val), "--size", "32",
+                 "--few-labels", "4"]) == 2
+    assert f"--few-labels 4: class 'c' of --train {train_beton} has only 3 images" in capsys.readouterr().err
 
     # without its sidecar a .beton still works, its classes counted from the labels, with a note
     bare = tmp_path / "bare.beton"
@@ -359,7 +383,7 @@ def test_beton_input_gives_the_folder_figures(tmp_path: Path, capsys: pytest.Cap
     junk = tmp_path / "junk.beton"
     junk.write_bytes(b"\x00" * 100)
     for bad, needle in ((tmp_path / "missing.beton", "no such .beton file"), (junk, "is not an FFCV .beton file")):
-        assert main(["--trunk", str(trunk), "--train", str(train), "--val", str(bad), "--size", "32"]) == 1
+        assert main(["--trunk", str(trunk), "--train", str(train), "--val", str(bad), "--size", "32"]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"knn_eval: error: --val {bad}") or err.startswith(f"knn_eval: error: --val '{bad}'")
         assert needle in err and "tools/write_ffcv.py" in err and err.count("\n") == 1, err

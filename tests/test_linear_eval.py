@@ -161,12 +161,56 @@ def test_bad_inputs_are_clear_errors(tmp_path, digits_dir, val_dir, capsys):
     cases.append((["--trunk", str(trunk), "--train", str(digits_dir), "--val", str(other)] + base[4:],
                   "have different classes (10: 0, 1, 2, 3, 4, ... vs 1: a;"))
     for argv, needle in cases:
-        assert main(argv) == 1, argv
+        assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("linear_eval: error:") and needle in err, (needle, err)
     with pytest.raises(SystemExit):
         main(["--random-init"] + base)  # --random-init needs --arch
     assert "--random-init needs --arch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, needle", [
+    (["--lr", "-1"], "--lr -1.0: must be a finite number > 0"),
+    (["--lr", "0"], "--lr 0.0: must be a finite number > 0"),
+    (["--lr", "nan"], "--lr nan: must be a finite number > 0"),
+    (["--final-lr", "-0.1"], "--final-lr -0.1: must be a finite number >= 0"),
+    (["--momentum", "-0.9"], "--momentum -0.9: must be a finite number >= 0"),
+    (["--wd", "inf"], "--wd inf: must be a finite number >= 0"),
+    (["--nesterov", "--momentum", "0"], "--nesterov needs --momentum above 0"),
+    (["--epochs", "0"], "--epochs 0: must be at least 1"),
+    (["--batch-size", "-4"], "--batch-size -4: must be at least 1"),
+    (["--eval-every", "0"], "--eval-every 0: must be at least 1"),
+    (["--workers", "-1"], "--workers -1: must be 0 or more"),
+])
+def test_bad_numbers_fail_before_any_work(tmp_path, monkeypatch, capsys, options, needle):
+    """A wrong number is a one-line usage error (exit 2) naming the option, before any trunk or image is read."""
+    import tools.linear_eval as linear_eval_module
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the options were checked")
+
+    for name in ("check_classes", "load_eval_trunk", "linear_eval"):
+        monkeypatch.setattr(linear_eval_module, name, no_work)
+    with pytest.raises(SystemExit) as exc:
+        main(["--random-init", "--arch", "resnet18", "--train", str(tmp_path), "--val", str(tmp_path), *options])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f"error: {needle}\n"), err
+
+
+def test_linear_eval_checks_its_numbers_before_reading_data(tmp_path):
+    trunk = load_eval_trunk(None, "resnet18")[0]
+    for kwargs, needle in (({"lr": -1.0}, "lr=-1.0"), ({"wd": float("nan")}, "wd=nan"),
+                           ({"momentum": 0.0, "nesterov": True}, "nesterov")):
+        with pytest.raises(ValueError, match=needle):  # not torch's, after the features: the data does not exist
+            linear_eval(trunk, tmp_path / "missing", tmp_path / "missing", **kwargs)
+
+
+def test_help_is_self_contained(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "REFERENCE" not in text and "official SwAV eval_linear.py" in text
 
 
 def test_cli_end_to_end_json(tmp_path, digits_dir, val_dir, capsys):
@@ -290,7 +334,7 @@ def test_bad_beton_files_are_one_line_errors(tmp_path, digits_dir, val_dir, beto
             data = {"--train": digits_dir, "--val": val_dir, option: bad}
             argv = ["--trunk", str(trunk), "--train", str(data["--train"]), "--val", str(data["--val"]),
                     "--size", "32", "--epochs", "1", "--workers", "0"]
-            assert main(argv) == 1, (bad, option)
+            assert main(argv) == 2, (bad, option)
             err = capsys.readouterr().err
             assert err.startswith(f"linear_eval: error: {option} ") and needle in err, (bad, option, err)
             assert str(bad) in err and "tools/write_ffcv.py" in err, err

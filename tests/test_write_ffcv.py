@@ -169,8 +169,9 @@ def test_force(tmp_path):
     out = tmp_path / "d.beton"
     write_beton(src, out, quality=90, workers=2, progress=False)
     before = out.read_bytes(), sidecar_paths(out)[0].read_text()
-    with pytest.raises(FileExistsError, match="--force"):
+    with pytest.raises(FileExistsError, match=r"already exists; it was left untouched \(pass force=True") as exc:
         write_beton(src, out, max_side=16, quality=50, workers=2, progress=False)
+    assert isinstance(exc.value, write_ffcv.OutputExists) and "--force" not in str(exc.value)  # the CLI says --force
     assert (out.read_bytes(), sidecar_paths(out)[0].read_text()) == before
     meta = write_beton(src, out, max_side=16, quality=50, workers=2, force=True, progress=False)
     assert meta["settings"]["quality"] == 50 and meta["counts"]["reencoded_by_reason"] == {"too_large": 20}
@@ -296,6 +297,23 @@ def test_csv_input(tmp_path, mixed_folder):
 
 
 @needs_ffcv
+def test_csv_of_missing_files_names_the_resolved_paths(tmp_path, monkeypatch):
+    """Relative CSV paths are resolved against the CSV's folder, not the current directory: when none exists the
+    error shows the paths as resolved (not their basenames) and says how they were resolved."""
+    lists, cwd = tmp_path / "lists", tmp_path / "elsewhere"
+    lists.mkdir()
+    cwd.mkdir()
+    (lists / "train.csv").write_text("imgs/a.jpg,cat\nimgs/b.jpg,dog\n")
+    monkeypatch.chdir(cwd)
+    with pytest.raises(DataError, match="no valid images") as exc:
+        write_beton(Path("../lists/train.csv"), tmp_path / "x.beton", workers=1, progress=False)
+    msg = str(exc.value)
+    resolved = lists.resolve() / "imgs"
+    assert f"{resolved / 'a.jpg'}: file not found; {resolved / 'b.jpg'}: file not found" in msg, msg
+    assert msg.endswith(f"relative paths in a CSV list are resolved against its folder, {lists.resolve()}"), msg
+
+
+@needs_ffcv
 def test_cli(tmp_path):
     src = write_digits(tmp_path / "digits", per_class=2)
     out = tmp_path / "cli.beton"
@@ -311,8 +329,25 @@ def test_cli(tmp_path):
     assert all(Image.open(io.BytesIO(d)).size == (24, 24) for d, _, _ in records)
     before = out.read_bytes()
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert res.returncode == 2 and "--force" in res.stderr and "already exists" in res.stderr
+    assert res.returncode == 2 and "already exists" in res.stderr, res.stderr
+    assert "(pass --force to overwrite it)" in res.stderr and "force=True" not in res.stderr, res.stderr
     assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("flag, value, needle", [("--max-side", "4", "--max-side 4: must be in 8..16384"),
+                                                 ("--quality", "0", "--quality 0: must be in 1..100"),
+                                                 ("--workers", "0", "--workers 0: must be at least 1")])
+def test_cli_bad_numbers_name_the_flag(tmp_path, capsys, flag, value, needle):
+    with pytest.raises(SystemExit) as exc:
+        write_ffcv.main([str(tmp_path), str(tmp_path / "x.beton"), flag, value])
+    assert exc.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_cli_help_says_how_csv_paths_are_resolved(capsys):
+    with pytest.raises(SystemExit) as exc:
+        write_ffcv.main(["--help"])
+    assert exc.value.code == 0
+    assert "resolved against the CSV's folder" in " ".join(capsys.readouterr().out.split())
 
 
 @needs_ffcv

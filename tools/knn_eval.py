@@ -337,6 +337,23 @@ def few_label_bank(labels: torch.Tensor | np.ndarray, per_class: int, rng: np.ra
     return np.sort(np.concatenate(chosen))
 
 
+def check_few_labels(train: str | Path, per_class: int) -> None:
+    """ValueError naming ``--few-labels`` when a class of the ``--train`` data has fewer than ``per_class`` images.
+
+    Reads only the labels (a folder scan, or a .beton's metadata), so it runs before any feature is computed.
+    """
+    data = eval_dataset(train, 224, "--train")
+    counts = np.bincount(np.asarray(data.targets, dtype=np.int64))
+    present = np.flatnonzero(counts)  # few_label_bank draws from the classes that have images
+    if not len(present):
+        return
+    smallest = int(present[np.argmin(counts[present])])
+    if counts[smallest] < per_class:
+        name = data.classes[smallest] if data.classes is not None else str(smallest)
+        raise ValueError(f"--few-labels {per_class}: class {name!r} of --train {train} has only {counts[smallest]} "
+                         f"images; pass --few-labels {counts[smallest]} or less (0 skips the few-label evaluation)")
+
+
 def few_label_knn(
     train_feats: torch.Tensor,
     train_labels: torch.Tensor,
@@ -398,7 +415,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--temperature", type=float, default=0.07, help="vote weight exp(sim/T) (default 0.07)"
     )
-    parser.add_argument("--few-labels", type=int, default=5, help="labels per class, few-label eval; 0 skips")
+    parser.add_argument("--few-labels", type=int, default=5,
+                        help="labels per class of the few-label evaluation, at most the smallest --train class "
+                             "(default 5; 0 skips it)")
     parser.add_argument(
         "--draws", type=int, default=10, help="random few-label banks to average (default 10)"
     )
@@ -450,6 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             models.append((args.baseline_name, args.baseline, model))
         if args.compare_random_init:
             models.append(("random init", None, load_eval_trunk(None, arch)[0]))
+        if args.few_labels:
+            check_few_labels(args.train, args.few_labels)  # before the slow feature passes as well
 
         results = {}
         for name, path, model in models:
@@ -477,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_train, n_val = len(train_labels), len(val_labels)
     except (FileNotFoundError, ValueError) as exc:
         print(f"knn_eval: error: {exc}", file=sys.stderr)
-        return 1
+        return 2  # a usage or data mistake, as train.py's config errors and argparse's
 
     table = Table(title=f"kNN on {arch} features: {n_train} train / {n_val} val images, {args.size}px")
     table.add_column("trunk")

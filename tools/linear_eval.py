@@ -140,6 +140,11 @@ def linear_eval(
     """
     if epochs < 1 or batch_size < 1 or eval_every < 1 or size < 1:
         raise ValueError("epochs, batch_size, eval_every and size must be at least 1")
+    for name, value in (("lr", lr), ("final_lr", final_lr), ("momentum", momentum), ("wd", wd)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name}={value} must be a finite number >= 0")
+    if nesterov and momentum == 0:
+        raise ValueError("nesterov needs a momentum above 0")
     n_classes, notes = check_classes(train_dir, val_dir)  # each an ImageFolder root or a write_ffcv .beton
     device = torch.device(device)
     console = console or Console(stderr=True)
@@ -229,7 +234,9 @@ def linear_eval(
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Linear evaluation of a frozen trunk (official swav eval_linear protocol, REFERENCE section 8).")
+        description="Linear evaluation of a frozen trunk: a linear classifier trained on its pooled features. The "
+                    "defaults are the recipe of the official SwAV eval_linear.py: SGD lr 0.3 with a per-epoch cosine "
+                    "to 0, momentum 0.9, weight decay 1e-6, batch 256, 100 epochs.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--trunk", type=Path,
                         help="torchvision trunk (trunk_<arch>.pth), swav_fast checkpoints/ckpt_*.pth or official SwAV "
@@ -260,9 +267,17 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow --trunk files with arbitrary pickled objects (runs code from the file)")
     args = parser.parse_args(argv)
+    # every number is checked here, before any trunk or image is read
     for name in ("epochs", "batch_size", "size", "eval_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr {args.lr}: must be a finite number > 0")
+    for name in ("final_lr", "momentum", "wd"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a finite number >= 0")
+    if args.nesterov and args.momentum == 0:
+        parser.error("--nesterov needs --momentum above 0")
     if args.workers < 0:
         parser.error(f"--workers {args.workers}: must be 0 or more")
     if args.random_init and not args.arch:
@@ -295,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elapsed = time.perf_counter() - start
     except (FileNotFoundError, ValueError) as exc:
         print(f"linear_eval: error: {exc}", file=sys.stderr)
-        return 1
+        return 2  # a usage or data mistake, as train.py's config errors and argparse's
 
     print(f"linear eval top-1 {result['top1']:.2f}%  top-{result['top5_k']} {result['top5']:.2f}%  "
               f"(best epoch top-1 {result['best_top1']:.2f}%; {result['n_train']} train / {result['n_val']} val "

@@ -242,6 +242,19 @@ class _PreparedImages:
         return np.frombuffer(payload, dtype=np.uint8), label, i
 
 
+class OutputExists(FileExistsError):
+    """write_beton's output exists and ``force`` is off; nothing was touched. ``str()`` says what to do from Python
+    (``force=True``); :meth:`message` words it for another caller (the CLI passes ``"--force"``)."""
+
+    def __init__(self, out: Path, appeared: bool = False):
+        self.out, self.appeared = out, appeared
+        super().__init__(self.message("force=True"))
+
+    def message(self, force: str) -> str:
+        what = "appeared while writing" if self.appeared else "already exists"
+        return f"output '{self.out}' {what}; it was left untouched (pass {force} to overwrite it)"
+
+
 class WorkerDied(DataError):
     """An ffcv writer process ended before its work was done (killed, out of memory, or an uncaught error)."""
 
@@ -436,8 +449,8 @@ def write_beton(source: str | Path, out: str | Path, max_side: int = DEFAULT_MAX
                 progress: bool = True) -> dict:
     """Write ``source`` (ImageFolder root or ``path,label`` CSV) to the .beton ``out``; returns the sidecar dict.
 
-    Raises DataError for unusable input (including zero valid images), FileExistsError when ``out``
-    exists and ``force`` is False (nothing is touched then), and ImportError (saying how to install it) when
+    Raises DataError for unusable input (including zero valid images), OutputExists (a FileExistsError) when
+    ``out`` exists and ``force`` is False (nothing is touched then), and ImportError (saying how to install it) when
     ffcv is missing, before any image is read.
     """
     if not 8 <= max_side <= 16384:
@@ -451,8 +464,7 @@ def write_beton(source: str | Path, out: str | Path, max_side: int = DEFAULT_MAX
     if out.is_dir():
         raise DataError(f"output '{out}' is a directory: pass the path of the .beton file to write")
     if out.exists() and not force:
-        raise FileExistsError(f"output '{out}' already exists; it was left untouched (pass --force / force=True "
-                              "to overwrite it)")
+        raise OutputExists(out)
     import_ffcv()  # first, so a missing ffcv costs no validation pass; keeps torch's thread count (see there)
 
     samples, classes, kind = read_source(source)
@@ -469,9 +481,12 @@ def write_beton(source: str | Path, out: str | Path, max_side: int = DEFAULT_MAX
         else:
             reasons[reason] += 1
     if not plans:
-        shown = "; ".join(f"{Path(p).name}: {r}" for p, r in skipped[:5])
+        shown = "; ".join(f"{p}: {r}" for p, r in skipped[:5])  # CSV paths as resolved (see read_csv_list)
+        hint = ""
+        if kind == "csv" and any(r == "file not found" for _, r in skipped):
+            hint = f"; relative paths in a CSV list are resolved against its folder, {Path(source).resolve().parent}"
         raise DataError(f"no valid images in '{source}': all {len(samples)} files were skipped ({shown}"
-                        f"{'; ...' if len(skipped) > 5 else ''})")
+                        f"{'; ...' if len(skipped) > 5 else ''}){hint}")
 
     from ffcv.fields import BytesField, IntField
     from ffcv.reader import Reader
@@ -536,7 +551,7 @@ def write_beton(source: str | Path, out: str | Path, max_side: int = DEFAULT_MAX
             "skipped_report": report_path.name,
         }
         if out.exists() and not force:  # appeared while we were working
-            raise FileExistsError(f"output '{out}' appeared while writing; left untouched (pass --force)")
+            raise OutputExists(out, appeared=True)
         _atomic_write_text(report_path, "".join(f"{p}\t{r}\n" for p, r in skipped))
         _atomic_write_text(meta_path, json.dumps(sidecar, indent=2) + "\n")
         os.replace(tmp, out)
@@ -652,7 +667,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Write an ImageFolder or a 'path,label' CSV to an FFCV .beton of raw JPEG bytes "
                     "(fields image/label/index), with <out>.json and <out>.skipped.txt beside it.")
-    parser.add_argument("source", help="ImageFolder root (one sub-folder per class) or CSV of path,label lines")
+    parser.add_argument("source", help="ImageFolder root (one sub-folder per class) or CSV of path,label lines "
+                                       "(relative paths in it are resolved against the CSV's folder, not the "
+                                       "current directory)")
     parser.add_argument("out", help="the .beton file to write")
     parser.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE,
                         help=f"longest image side stored; larger images are resized (default {DEFAULT_MAX_SIDE})")
@@ -660,7 +677,15 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help=f"JPEG quality of re-encoded images (default {DEFAULT_QUALITY})")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all usable CPU cores)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # checked here as well as in write_beton, so that the message names the flag
+    if not 8 <= args.max_side <= 16384:
+        parser.error(f"--max-side {args.max_side}: must be in 8..16384")
+    if not 1 <= args.quality <= 100:
+        parser.error(f"--quality {args.quality}: must be in 1..100")
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers {args.workers}: must be at least 1")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -671,7 +696,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         meta = write_beton(args.source, args.out, max_side=args.max_side, quality=args.quality,
                            workers=args.workers, force=args.force)
     except (DataError, FileExistsError, ValueError, ImportError) as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        text = exc.message("--force") if isinstance(exc, OutputExists) else str(exc)
+        err.print(f"[red]error:[/red] {text}", highlight=False, soft_wrap=True)
         return 2
     c = meta["counts"]
     by_reason = ", ".join(f"{k} {v}" for k, v in c["reencoded_by_reason"].items())
