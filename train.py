@@ -28,8 +28,9 @@ import pipelines
 from pipelines.spec import MultiCropSpec
 from swav_fast import checkpoint as ckpt
 from swav_fast import guards, interop
-from swav_fast.config import ConfigError, parse_config, to_toml, trimmed_queue_length
+from swav_fast.config import FIELDS, ConfigError, parse_config, to_toml, trimmed_queue_length
 from swav_fast.distributed import (
+    DeviceError,
     DistInfo,
     agree_any,
     first_disagreement,
@@ -80,14 +81,48 @@ def device_config_problem(cfg, on_cuda: bool) -> str | None:
     return None
 
 
+MODEL_OPTIONS = ("arch", "hidden_mlp", "feat_dim", "nmb_prototypes")
+
+
+def resume_mismatch(saved: dict, cfg, path, error: Exception) -> str:
+    """Why a checkpoint's weights do not load into this run's model, naming the options that differ."""
+    differ = [f"--{k} {saved[k]} (this run: {getattr(cfg, k)})" for k in MODEL_OPTIONS
+              if k in saved and saved[k] != getattr(cfg, k)]
+    why = (f"it was made with {', '.join(differ)}" if differ
+           else f"its weights do not fit this model ({str(error).splitlines()[0]})")
+    return (f"[bold red]resume error:[/] {path} does not load into this run's model: {why}. Leave those options "
+            "out (--resume auto with no --preset takes the run's config.toml) or give the checkpoint's values")
+
+
+def changed_options(saved: dict, cfg) -> list[str]:
+    """The options whose value differs from the checkpoint's run, as 'name old -> new' (per-invocation options and
+    --run_dir left out)."""
+    return [f"{k} {saved[k]} -> {v}" for k, v in dataclasses.asdict(cfg).items()
+            if k in saved and saved[k] != v and k != "run_dir" and not FIELDS[k].metadata.get("per_invocation")]
+
+
+def write_run_info(path: Path, record: dict) -> None:
+    """run_info.json: this launch, with the earlier launches of the run kept under "earlier_launches"."""
+    earlier: list = []
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        old = json.loads(path.read_text())
+        earlier = old.pop("earlier_launches", []) + [old]
+    ckpt.write_atomic(json.dumps({**record, "earlier_launches": earlier}, indent=1).encode(), path)
+
+
 def oom_reason(e: torch.OutOfMemoryError) -> str:
     """The first line of an out-of-memory error (CUDA's goes on with allocator statistics), or its type."""
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
+    with contextlib.ExitStack() as held:  # the run directory's lock, released however the run ends
+        return _main_reporting_oom(argv, held)
+
+
+def _main_reporting_oom(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     try:
-        return _main(argv)
+        return _main(argv, held)
     except torch.OutOfMemoryError as e:
         # The training loop reports its own (with the iteration, exit code 5 as here). This one came before it:
         # building the model or the data pipeline, loading a checkpoint, DDP's first broadcast. The usual cause is
@@ -105,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         return 5
 
 
-def _main(argv: list[str] | None) -> int:
+def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     console = Console(stderr=True, soft_wrap=True)
     # ============================== setup ==============================
     try:
@@ -113,7 +148,11 @@ def _main(argv: list[str] | None) -> int:
     except ConfigError as e:
         console.print(f"[bold red]config error:[/] {e}", highlight=False)
         return 2
-    info = init_distributed(cfg.device)
+    try:
+        info = init_distributed(cfg.device)
+    except DeviceError as e:  # before any process group: each process says it
+        console.print(f"[bold red]config error:[/] {e}", highlight=False)
+        return 2
     log = console.print if info.is_main else (lambda *a, **k: None)
     on_cuda = info.device.type == "cuda"
     if on_cuda:
@@ -173,18 +212,25 @@ def _main(argv: list[str] | None) -> int:
                              f"({type(error).__name__}: {error}); choose a directory this user can write, with "
                              "free space")
 
-    unwritable = None
+    # The run directory is made and locked here; config.toml and run_info.json are written once setup has
+    # succeeded (below the resume), so a start that fails (a typo in --data_path, a model option the checkpoint
+    # does not fit) leaves the run's records as they were and `--resume auto` still works.
+    unwritable, problem = None, None
     if info.is_main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.toml").write_text(to_toml(cfg))
-            (run_dir / "run_info.json").write_text(json.dumps({
-                "git_revision": git_revision(), "world_size": info.world_size, "device": str(info.device),
-                "torch": torch.__version__, "argv": sys.argv if argv is None else argv}, indent=1))
-            open(run_dir / "metrics.jsonl", "a").close()  # opened again for the training below
-        except OSError as e:  # permissions, a full disk, a file in the way
-            unwritable = e
-    if run_dir_unwritable(unwritable):
+        if run_dir.exists() and not run_dir.is_dir():
+            problem = f"[bold red]error:[/] --run_dir {run_dir} is a file, not a directory; choose another --run_dir"
+        else:
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                lock = ckpt.lock_run_dir(run_dir)  # rank 0 speaks for the run
+                if lock is not None:
+                    held.callback(lock.close)
+            except ckpt.RunDirBusy as e:
+                problem = (f"[bold red]error:[/] another train.py is using --run_dir {run_dir} ({e}); wait for it to "
+                           "end, or choose another --run_dir")
+            except OSError as e:  # permissions, a full disk
+                unwritable = e
+    if stop_together(problem) or run_dir_unwritable(unwritable):
         shutdown()
         return 2
     torch.manual_seed(cfg.seed)
@@ -287,8 +333,18 @@ def _main(argv: list[str] | None) -> int:
             shutdown(model)
             return 2
     if state is not None:
-        core.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        problem = None
+        try:
+            core.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:  # torch's size mismatch / missing keys, a group count
+            problem = resume_mismatch(state["config"], cfg, resume_from, e)
+        if stop_together(problem):
+            shutdown(model)
+            return 2
+        changed = changed_options(state["config"], cfg)
+        if changed:
+            log(f"options changed since the checkpoint: {', '.join(changed)}", highlight=False)
         start_epoch, start_step, iteration = state["epoch"], state["step_in_epoch"], state["iteration"]
         epoch_loss_sum = state["epoch_loss_sum"]
         saved_batch = state["config"]["batch_size"] * state["world_size"]
@@ -332,6 +388,25 @@ def _main(argv: list[str] | None) -> int:
         if start_epoch >= cfg.epochs:
             log(f"the run in {run_dir} has finished all {cfg.epochs} epochs; nothing to train")
         del state
+
+    # Setup has succeeded: the run's records (see the run directory's lock above).
+    unwritable = None
+    if info.is_main:
+        try:
+            ckpt.write_atomic(to_toml(cfg).encode(), run_dir / "config.toml")
+            write_run_info(run_dir / "run_info.json", {
+                "git_revision": git_revision(), "world_size": info.world_size, "device": str(info.device),
+                "torch": torch.__version__, "argv": sys.argv if argv is None else argv,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            open(run_dir / "metrics.jsonl", "a").close()  # opened again for the training below
+        except OSError as e:  # a full disk, a quota
+            unwritable = e
+    if run_dir_unwritable(unwritable):
+        shutdown(model)
+        return 2
+    if cfg.step_mode == "compile":
+        log("--step_mode compile: the first step compiles the whole step (minutes on a large model), and so do the "
+            "first steps after the freeze window and after the queue starts", highlight=False)
 
     # SIGTERM (torchrun shutdown, SLURM --signal=TERM@120), SIGUSR1 (torchrun forwards it only when told to with
     # --signals_to_handle), SIGHUP (the terminal hung up: an ssh connection dropped; torchrun forwards it) and
@@ -403,11 +478,12 @@ def _main(argv: list[str] | None) -> int:
                 log(f"[bold yellow]warning:[/] could not write {run_dir / 'metrics.jsonl'} ({e}); the run goes on "
                     "without it", highlight=False)
 
-    resume_hint = f"continue with: python train.py --run_dir {run_dir} --resume auto"
+    resume_hint = (f"continue with: python train.py --run_dir {run_dir} --resume auto" if info.world_size == 1 else
+                   f"continue with the same torchrun launch of: train.py --run_dir {run_dir} --resume auto")
 
     def last_checkpoint() -> Path | str:
         kept = ckpt.list_checkpoints(run_dir)
-        return kept[-1] if kept else "(none yet)"
+        return kept[-1] if kept else "(none yet: --resume auto will start from the beginning)"
 
     ln_k = math.log(cfg.nmb_prototypes)
     collapse = CollapseMonitor(ln_k, cfg.collapse_margin, cfg.collapse_window, cfg.freeze_prototypes_niters)
@@ -543,8 +619,8 @@ def _main(argv: list[str] | None) -> int:
         trained = True
     except guards.NonFiniteLoss as e:
         log(f"[bold red]stopped:[/] {e}. Nothing was saved after it; the last good checkpoint is "
-            f"{last_checkpoint()}. Common causes: too high a learning rate, fp16 overflow, "
-            "unnormalised features (REFERENCE section 9)", highlight=False)
+            f"{last_checkpoint()}. Common causes: too high a learning rate (scale --base_lr with the global batch), "
+            "too short a --freeze_prototypes_niters, bad input data", highlight=False)
         write_metrics({"event": "non_finite_loss", "iteration": iteration, "message": str(e)})
         shutdown(model, graph_step)
         return 3

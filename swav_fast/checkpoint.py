@@ -8,12 +8,16 @@ costs the steps since the previous one, never the run.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import io
 import os
 import random
+import socket
+import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -22,6 +26,7 @@ from swav_fast.model import trunk_state_dict
 
 FORMAT = "swav_fast/1"
 CHECKPOINT_DIR = "checkpoints"
+LOCK_FILE = "train.lock"
 
 
 class CheckpointError(RuntimeError):
@@ -30,6 +35,37 @@ class CheckpointError(RuntimeError):
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (a full disk, a quota, permissions); the message says why."""
+
+
+class RunDirBusy(RuntimeError):
+    """Another process holds the run directory's lock; the message says which."""
+
+
+def lock_run_dir(run_dir: Path) -> IO[str] | None:
+    """An exclusive lock on `run_dir/train.lock`, held while the returned file stays open (and while this process
+    opens the file no other time: closing any descriptor of it drops a POSIX lock); the system releases it
+    when the process ends however it ends (a kill included), so a stale lock cannot block a resume. The file names
+    its holder (pid, host, start time) for the message of the process it turns away. Raises RunDirBusy when another
+    process holds it; returns None where the filesystem refuses locks (some network filesystems): no protection
+    there. OSError for a directory this user cannot write."""
+    f = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the run
+    try:
+        # a POSIX record lock (lockf), not flock: it belongs to this process alone, so the data loader's forked
+        # workers, which outlive a killed parent by a few seconds, do not keep holding it
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            f.seek(0)
+            holder = f.read().strip() or "a process that has not yet written its name"
+            f.close()
+            raise RunDirBusy(holder) from None
+        f.close()  # ENOLCK and the like: no locks on this filesystem
+        return None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:

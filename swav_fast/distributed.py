@@ -38,6 +38,10 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+class DeviceError(RuntimeError):
+    """A device this process cannot use as asked (no CUDA, more processes than GPUs): a usage error."""
+
+
 def cuda_index(local_rank: int, n_visible: int, local_world_size: int = 1, visible_devices: str | None = None) -> int:
     """The GPU of a local rank: its own index when every GPU of the node is visible (torchrun), 0 when each process
     sees one GPU (SLURM with --gpus-per-task=1 sets CUDA_VISIBLE_DEVICES per task). Several processes of a node
@@ -45,12 +49,12 @@ def cuda_index(local_rank: int, n_visible: int, local_world_size: int = 1, visib
     all take it, which NCCL refuses ("Duplicate GPU detected"): said here instead."""
     if n_visible == 1:
         if local_world_size > 1 and visible_devices is None:
-            raise RuntimeError(f"{local_world_size} processes on this node (torchrun --nproc_per_node), but it has "
+            raise DeviceError(f"{local_world_size} processes on this node (torchrun --nproc_per_node), but it has "
                                "one GPU: start one process per GPU (torchrun --nproc_per_node=1), or give each "
                                "process its own GPU through CUDA_VISIBLE_DEVICES")
         return 0
     if local_rank >= n_visible:
-        raise RuntimeError(f"LOCAL_RANK {local_rank}, but this process sees {n_visible} GPUs: start at most "
+        raise DeviceError(f"LOCAL_RANK {local_rank}, but this process sees {n_visible} GPUs: start at most "
                            f"{n_visible} processes per node (torchrun --nproc_per_node={n_visible}), or give each "
                            "process its own GPU through CUDA_VISIBLE_DEVICES")
     return local_rank
@@ -60,7 +64,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     """NCCL on CUDA, gloo on CPU; one CUDA device per local rank."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+        raise DeviceError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     if use_cuda:
         dev = torch.device("cuda", cuda_index(local, torch.cuda.device_count(),

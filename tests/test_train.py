@@ -313,7 +313,7 @@ def test_run_directory_that_cannot_be_written_fails_clearly(digits_dir, tmp_path
 
 
 def test_initial_trunk_that_cannot_be_written_fails_clearly(digits_dir, tmp_path, monkeypatch, capsys):
-    def full_disk(state, path):  # config.toml's few KB fitted, the trunk's MB do not
+    def full_disk(state, path):  # the run directory was made, the trunk's MB do not fit
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(ckpt, "export_trunk", full_disk)
@@ -322,6 +322,64 @@ def test_initial_trunk_that_cannot_be_written_fails_clearly(digits_dir, tmp_path
     err = capsys.readouterr().err
     assert f"cannot write in --run_dir {run_dir}" in err and "trunk_init_resnet18.pth" in err, err[-2000:]
     assert not ckpt.list_checkpoints(run_dir)
+
+
+def test_a_failed_resume_leaves_the_run_records_as_they_were(digits_dir, tmp_path, capsys):
+    """A resume that fails during setup (a mistyped --data_path, a model option the checkpoint does not fit) must
+    not save its options: config.toml is the base of the next `--resume auto`, which would fail the same way."""
+    run_dir = tmp_path / "r"
+    assert run(digits_dir, run_dir, "--stop_after_epoch", "1") == 0
+    config, info = (run_dir / "config.toml").read_text(), json.loads((run_dir / "run_info.json").read_text())
+    capsys.readouterr()
+    assert train.main(["--run_dir", str(run_dir), "--resume", "auto", "--data_path", str(tmp_path / "typo")]) == 2
+    assert "data error" in capsys.readouterr().err
+    assert train.main(["--run_dir", str(run_dir), "--resume", "auto", "--nmb_prototypes", "12"]) == 2
+    err = capsys.readouterr().err
+    assert "resume error" in err and "--nmb_prototypes 10 (this run: 12)" in err and "Traceback" not in err, err
+    assert (run_dir / "config.toml").read_text() == config
+    assert json.loads((run_dir / "run_info.json").read_text()) == info
+    # the run goes on from its saved config; a changed option is named
+    assert train.main(["--run_dir", str(run_dir), "--resume", "auto", "--collapse_margin", "0.03"]) == 0
+    assert "options changed since the checkpoint: collapse_margin 0.02 -> 0.03" in capsys.readouterr().err
+    assert "collapse_margin = 0.03" in (run_dir / "config.toml").read_text()
+    launches = json.loads((run_dir / "run_info.json").read_text())
+    assert info.pop("earlier_launches") == []
+    assert launches["earlier_launches"] == [info] and "--collapse_margin" in launches["argv"]
+
+
+def test_a_second_run_on_a_locked_run_directory_stops_at_once(digits_dir, tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    holder = subprocess.Popen(  # a POSIX lock belongs to a process: another one must hold it
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from swav_fast import checkpoint as c; "
+         f"f = c.lock_run_dir(Path({str(run_dir)!r})); print('held', flush=True); time.sleep(60)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert run(digits_dir, run_dir) == 2
+        err = capsys.readouterr().err
+        assert f"another train.py is using --run_dir {run_dir} (pid {holder.pid} on " in err, err
+        assert not ckpt.list_checkpoints(run_dir) and not (run_dir / "config.toml").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = ckpt.lock_run_dir(run_dir)  # the system dropped the killed holder's lock
+    assert lock is not None and f"pid {os.getpid()} on " in (run_dir / "train.lock").read_text()
+    lock.close()
+
+
+def test_run_directory_that_is_a_file_fails_clearly(digits_dir, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("in the way")
+    assert run(digits_dir, tmp_path / "a_file") == 2
+    assert f"--run_dir {tmp_path / 'a_file'} is a file, not a directory" in capsys.readouterr().err
+    assert (tmp_path / "a_file").read_text() == "in the way"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_a_config_error(digits_dir, tmp_path, capsys):
+    assert run(digits_dir, tmp_path / "r", "--device", "cuda") == 2
+    err = capsys.readouterr().err
+    assert "config error" in err and "--device cuda" in err and "Traceback" not in err
 
 
 def test_bad_config_value_fails_before_any_work(digits_dir, tmp_path, capsys):
