@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import pipelines
-from pipelines.spec import MultiCropSpec
+from pipelines.spec import DataWarning, MultiCropSpec
 from swav_fast import checkpoint as ckpt
 from swav_fast import guards, interop
 from swav_fast.config import FIELDS, ConfigError, parse_config, to_toml, trimmed_queue_length
@@ -108,6 +109,18 @@ def write_run_info(path: Path, record: dict) -> None:
         old = json.loads(path.read_text())
         earlier = old.pop("earlier_launches", []) + [old]
     ckpt.write_atomic(json.dumps({**record, "earlier_launches": earlier}, indent=1).encode(), path)
+
+
+def brief_data_warnings(format_warning):
+    """warnings.formatwarning that prints a DataWarning (an unreadable image replaced) as one plain line, without
+    the file and source line of the loop that met it; every other warning as `format_warning` does."""
+
+    def formatwarning(message, category, filename, lineno, line=None) -> str:
+        if issubclass(category, DataWarning):
+            return f"warning: {message}\n"
+        return format_warning(message, category, filename, lineno, line)
+
+    return formatwarning
 
 
 def oom_reason(e: torch.OutOfMemoryError) -> str:
@@ -385,9 +398,17 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                            "steps"), highlight=False)
         log(f"resumed from {resume_from}: epoch {start_epoch + 1}, step {start_step}, iteration {iteration}",
             highlight=False)
+        position = start_epoch * steps_per_epoch + start_step
+        schedule_options = ("epochs", "base_lr", "final_lr", "warmup_epochs", "start_warmup")
+        if position < len(lrs) and any(c.split()[0] in schedule_options for c in changed):
+            # e.g. a finished run extended with more --epochs: the cosine is drawn again over the new length
+            log(f"the learning-rate schedule follows the new options: lr {lrs[position]:.4g} at this step",
+                highlight=False)
         if start_epoch >= cfg.epochs:
             log(f"the run in {run_dir} has finished all {cfg.epochs} epochs; nothing to train")
         del state
+    elif cfg.resume == "auto":
+        log(f"no checkpoint in {run_dir}: a new run", highlight=False)
 
     # Setup has succeeded: the run's records (see the run directory's lock above).
     unwritable = None
@@ -697,4 +718,5 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
 
 if __name__ == "__main__":
     guards.guard_output()
+    warnings.formatwarning = brief_data_warnings(warnings.formatwarning)
     run_main(main)

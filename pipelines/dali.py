@@ -97,7 +97,7 @@ from pipelines.reference import (
     scan_image_folder,
     steps_per_epoch,
 )
-from pipelines.spec import MultiCropBatch, MultiCropSpec, warn_skipped_once
+from pipelines.spec import DataWarning, MultiCropBatch, MultiCropSpec, warn_skipped_once
 
 try:
     import nvidia.dali.fn as fn
@@ -458,7 +458,7 @@ class DaliLoader:
                         raise
                     warnings.warn(f"DALI failed at step {step} ({type(e).__name__}): its decoder rejects {found} "
                                   "file(s) that passed the header checks; running the step again without them",
-                                  stacklevel=2)
+                                  DataWarning, stacklevel=2)
                     # every step prepared so far predates the files just marked: all are prepared again
                     run = feeder.restart(feeder.order, feeder.epoch, step)
                     pipe = self._pipeline()

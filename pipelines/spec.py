@@ -83,6 +83,10 @@ class MultiCropBatch:
         return MultiCropBatch([c.pin_memory() for c in self.crops], self.index, self.skipped)
 
 
+class DataWarning(UserWarning):
+    """A data problem the run gets past (an unreadable image replaced): train.py prints it as one plain line."""
+
+
 def warn_skipped_once(seen: set[str], entries: list[str], what: str, replaced_by: str) -> None:
     """One warning per unreadable file over a loader's life (`seen` holds those already reported); the training
     loop counts every occurrence from `MultiCropBatch.skipped`. Called from a loader's __iter__, so the warning
@@ -90,4 +94,4 @@ def warn_skipped_once(seen: set[str], entries: list[str], what: str, replaced_by
     for entry in entries:
         if entry not in seen:
             seen.add(entry)
-            warnings.warn(f"skipped {what} image {entry}; replaced by {replaced_by}", stacklevel=3)
+            warnings.warn(f"skipped {what} image {entry}; replaced by {replaced_by}", DataWarning, stacklevel=3)

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import torchvision
 from conftest import run_torchrun
 
 import train
+from pipelines.spec import DataWarning
 from swav_fast import checkpoint as ckpt
 from swav_fast.optim import lr_schedule
 
@@ -328,9 +330,9 @@ def test_a_failed_resume_leaves_the_run_records_as_they_were(digits_dir, tmp_pat
     """A resume that fails during setup (a mistyped --data_path, a model option the checkpoint does not fit) must
     not save its options: config.toml is the base of the next `--resume auto`, which would fail the same way."""
     run_dir = tmp_path / "r"
-    assert run(digits_dir, run_dir, "--stop_after_epoch", "1") == 0
+    assert run(digits_dir, run_dir, "--stop_after_epoch", "1", "--resume", "auto") == 0
+    assert f"no checkpoint in {run_dir}: a new run" in capsys.readouterr().err
     config, info = (run_dir / "config.toml").read_text(), json.loads((run_dir / "run_info.json").read_text())
-    capsys.readouterr()
     assert train.main(["--run_dir", str(run_dir), "--resume", "auto", "--data_path", str(tmp_path / "typo")]) == 2
     assert "data error" in capsys.readouterr().err
     assert train.main(["--run_dir", str(run_dir), "--resume", "auto", "--nmb_prototypes", "12"]) == 2
@@ -345,6 +347,12 @@ def test_a_failed_resume_leaves_the_run_records_as_they_were(digits_dir, tmp_pat
     launches = json.loads((run_dir / "run_info.json").read_text())
     assert info.pop("earlier_launches") == []
     assert launches["earlier_launches"] == [info] and "--collapse_margin" in launches["argv"]
+    # a finished run extended: the cosine is drawn again over the new length, and the run says so
+    assert train.main(["--run_dir", str(run_dir), "--resume", "auto", "--epochs", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "options changed since the checkpoint: epochs 2 -> 3" in err
+    lr = lr_schedule(0.6, 0.0006, 3, 4, 1)[8]
+    assert f"the learning-rate schedule follows the new options: lr {lr:.4g} at this step" in err, err
 
 
 def test_a_second_run_on_a_locked_run_directory_stops_at_once(digits_dir, tmp_path, capsys):
@@ -380,6 +388,14 @@ def test_device_cuda_without_cuda_is_a_config_error(digits_dir, tmp_path, capsys
     assert run(digits_dir, tmp_path / "r", "--device", "cuda") == 2
     err = capsys.readouterr().err
     assert "config error" in err and "--device cuda" in err and "Traceback" not in err
+
+
+def test_data_warnings_print_as_one_line():
+    fmt = train.brief_data_warnings(warnings.formatwarning)
+    assert fmt("skipped image a.jpg; replaced by b.jpg", DataWarning, "/x/train.py", 5, "for b in loader:") == (
+        "warning: skipped image a.jpg; replaced by b.jpg\n")
+    other = fmt("something else", UserWarning, "/x/y.py", 7, "code()")
+    assert "/x/y.py:7: UserWarning: something else" in other
 
 
 def test_bad_config_value_fails_before_any_work(digits_dir, tmp_path, capsys):
