@@ -111,6 +111,23 @@ def write_run_info(path: Path, record: dict) -> None:
     ckpt.write_atomic(json.dumps({**record, "earlier_launches": earlier}, indent=1).encode(), path)
 
 
+def split_named_classes(data_path: str) -> list[str]:
+    """The class folders of an ImageFolder named like dataset splits, when both a training and a held-out split are
+    among them (`--data_path` given the dataset's root instead of its train folder); [] otherwise."""
+    root = Path(data_path)
+    if not root.is_dir():
+        return []
+    with contextlib.suppress(OSError):
+        names = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.lower() in SPLIT_NAMES)
+        lowered = {n.lower() for n in names}
+        if "train" in lowered and lowered - {"train"}:
+            return names
+    return []
+
+
+SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
+
+
 def brief_data_warnings(format_warning):
     """warnings.formatwarning that prints a DataWarning (an unreadable image replaced) as one plain line, without
     the file and source line of the loop that met it; every other warning as `format_warning` does."""
@@ -267,6 +284,11 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     log(f"data: {loader.num_samples} images in {cfg.data_path} ({cfg.pipeline} pipeline), {info.world_size} "
         f"rank(s) x {cfg.batch_size} images x {spec.n_crops} crops {spec.crop_sizes}, {steps_per_epoch} steps per "
         "epoch", highlight=False)
+    split_folders = split_named_classes(cfg.data_path)
+    if split_folders:
+        log(f"note: --data_path {cfg.data_path} has class folders named {' and '.join(split_folders)}: if those are "
+            "a dataset's splits, this run trains on all of them; pass the training split's folder instead",
+            highlight=False)
 
     # ============================== model ==============================
     model = SwAVModel(cfg.arch, cfg.hidden_mlp, cfg.feat_dim, cfg.nmb_prototypes)

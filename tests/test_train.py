@@ -390,6 +390,15 @@ def test_device_cuda_without_cuda_is_a_config_error(digits_dir, tmp_path, capsys
     assert "config error" in err and "--device cuda" in err and "Traceback" not in err
 
 
+def test_split_named_class_folders_are_pointed_out(tmp_path):
+    (tmp_path / "d" / "train").mkdir(parents=True)
+    assert train.split_named_classes(str(tmp_path / "d")) == []  # a class that happens to be called train
+    (tmp_path / "d" / "val").mkdir()
+    (tmp_path / "d" / "cats").mkdir()
+    assert train.split_named_classes(str(tmp_path / "d")) == ["train", "val"]
+    assert train.split_named_classes(str(tmp_path / "d" / "missing")) == []
+
+
 def test_data_warnings_print_as_one_line():
     fmt = train.brief_data_warnings(warnings.formatwarning)
     assert fmt("skipped image a.jpg; replaced by b.jpg", DataWarning, "/x/train.py", 5, "for b in loader:") == (
