@@ -29,7 +29,7 @@ import pipelines
 from pipelines.spec import DataWarning, MultiCropSpec
 from swav_fast import checkpoint as ckpt
 from swav_fast import guards, interop
-from swav_fast.config import FIELDS, ConfigError, parse_config, to_toml, trimmed_queue_length
+from swav_fast.config import ConfigError, parse_config, per_invocation, to_toml, trimmed_queue_length
 from swav_fast.distributed import (
     DeviceError,
     DistInfo,
@@ -95,11 +95,14 @@ def resume_mismatch(saved: dict, cfg, path, error: Exception) -> str:
             "out (--resume auto with no --preset takes the run's config.toml) or give the checkpoint's values")
 
 
-def changed_options(saved: dict, cfg) -> list[str]:
-    """The options whose value differs from the checkpoint's run, as 'name old -> new' (per-invocation options and
+def changed_options(saved: dict, cfg) -> dict[str, tuple]:
+    """{option: (the checkpoint run's value, this run's)} for every option that differs (per-invocation options and
     --run_dir left out)."""
-    return [f"{k} {saved[k]} -> {v}" for k, v in dataclasses.asdict(cfg).items()
-            if k in saved and saved[k] != v and k != "run_dir" and not FIELDS[k].metadata.get("per_invocation")]
+    return {k: (saved[k], v) for k, v in dataclasses.asdict(cfg).items()
+            if k in saved and saved[k] != v and k != "run_dir" and not per_invocation(k)}
+
+
+SCHEDULE_OPTIONS = ("epochs", "base_lr", "final_lr", "warmup_epochs", "start_warmup")
 
 
 def write_run_info(path: Path, record: dict) -> None:
@@ -109,6 +112,9 @@ def write_run_info(path: Path, record: dict) -> None:
         old = json.loads(path.read_text())
         earlier = old.pop("earlier_launches", []) + [old]
     ckpt.write_atomic(json.dumps({**record, "earlier_launches": earlier}, indent=1).encode(), path)
+
+
+SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
 
 
 def split_named_classes(data_path: str) -> list[str]:
@@ -123,9 +129,6 @@ def split_named_classes(data_path: str) -> list[str]:
         if "train" in lowered and lowered - {"train"}:
             return names
     return []
-
-
-SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
 
 
 def brief_data_warnings(format_warning):
@@ -146,13 +149,9 @@ def oom_reason(e: torch.OutOfMemoryError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    with contextlib.ExitStack() as held:  # the run directory's lock, released however the run ends
-        return _main_reporting_oom(argv, held)
-
-
-def _main_reporting_oom(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     try:
-        return _main(argv, held)
+        with contextlib.ExitStack() as held:  # the run directory's lock, released however the run ends
+            return _main(argv, held)
     except torch.OutOfMemoryError as e:
         # The training loop reports its own (with the iteration, exit code 5 as here). This one came before it:
         # building the model or the data pipeline, loading a checkpoint, DDP's first broadcast. The usual cause is
@@ -175,12 +174,8 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     # ============================== setup ==============================
     try:
         cfg = parse_config(argv, world_size_from_env())
-    except ConfigError as e:
-        console.print(f"[bold red]config error:[/] {e}", highlight=False)
-        return 2
-    try:
         info = init_distributed(cfg.device)
-    except DeviceError as e:  # before any process group: each process says it
+    except (ConfigError, DeviceError) as e:  # before any process group: each process says it
         console.print(f"[bold red]config error:[/] {e}", highlight=False)
         return 2
     log = console.print if info.is_main else (lambda *a, **k: None)
@@ -236,16 +231,18 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                 highlight=False)
         return failed
 
+    def unwritable_message(error: OSError) -> str:
+        return (f"[bold red]error:[/] cannot write in --run_dir {run_dir} ({type(error).__name__}: {error}); choose "
+                "a directory this user can write, with free space")
+
     def run_dir_unwritable(error: OSError | None) -> bool:
         """Whether rank 0 failed to write in the run directory (`error`, None elsewhere), agreed by every rank."""
-        return stop_together(None if error is None else f"[bold red]error:[/] cannot write in --run_dir {run_dir} "
-                             f"({type(error).__name__}: {error}); choose a directory this user can write, with "
-                             "free space")
+        return stop_together(None if error is None else unwritable_message(error))
 
     # The run directory is made and locked here; config.toml and run_info.json are written once setup has
     # succeeded (below the resume), so a start that fails (a typo in --data_path, a model option the checkpoint
     # does not fit) leaves the run's records as they were and `--resume auto` still works.
-    unwritable, problem = None, None
+    problem = None
     if info.is_main:
         if run_dir.exists() and not run_dir.is_dir():
             problem = f"[bold red]error:[/] --run_dir {run_dir} is a file, not a directory; choose another --run_dir"
@@ -259,8 +256,8 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                 problem = (f"[bold red]error:[/] another train.py is using --run_dir {run_dir} ({e}); wait for it to "
                            "end, or choose another --run_dir")
             except OSError as e:  # permissions, a full disk
-                unwritable = e
-    if stop_together(problem) or run_dir_unwritable(unwritable):
+                problem = unwritable_message(e)
+    if stop_together(problem):
         shutdown()
         return 2
     torch.manual_seed(cfg.seed)
@@ -379,7 +376,8 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
             return 2
         changed = changed_options(state["config"], cfg)
         if changed:
-            log(f"options changed since the checkpoint: {', '.join(changed)}", highlight=False)
+            log("options changed since the checkpoint: "
+                + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()), highlight=False)
         start_epoch, start_step, iteration = state["epoch"], state["step_in_epoch"], state["iteration"]
         epoch_loss_sum = state["epoch_loss_sum"]
         saved_batch = state["config"]["batch_size"] * state["world_size"]
@@ -421,8 +419,7 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
         log(f"resumed from {resume_from}: epoch {start_epoch + 1}, step {start_step}, iteration {iteration}",
             highlight=False)
         position = start_epoch * steps_per_epoch + start_step
-        schedule_options = ("epochs", "base_lr", "final_lr", "warmup_epochs", "start_warmup")
-        if position < len(lrs) and any(c.split()[0] in schedule_options for c in changed):
+        if position < len(lrs) and changed.keys() & set(SCHEDULE_OPTIONS):
             # e.g. a finished run extended with more --epochs: the cosine is drawn again over the new length
             log(f"the learning-rate schedule follows the new options: lr {lrs[position]:.4g} at this step",
                 highlight=False)

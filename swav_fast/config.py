@@ -119,6 +119,12 @@ class Config:
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
+def per_invocation(name: str) -> bool:
+    """Whether an option belongs to one launch (--resume, --stop_after_epoch) rather than to the run: a resume does
+    not take it from the saved config."""
+    return bool(FIELDS[name].metadata.get("per_invocation"))
+
+
 def _closest(name: str) -> str:
     """' (did you mean 'base_lr'?)' for a TOML key, '' when nothing is close."""
     match = difflib.get_close_matches(name.replace("-", "_"), FIELDS, n=1, cutoff=0.5)
@@ -315,7 +321,7 @@ def parse_config(argv: list[str] | None = None, world_size: int = 1) -> Config:
         # `train.py --run_dir R --resume auto` continues R with the config it was started with.
         saved = Path(values.get("run_dir", Config.run_dir)) / "config.toml"
         if saved.is_file():
-            base = {k: v for k, v in load_toml(saved).items() if not FIELDS[k].metadata.get("per_invocation")}
+            base = {k: v for k, v in load_toml(saved).items() if not per_invocation(k)}
             values = {**base, **args}
     return validate(Config(**values), world_size)
 

@@ -50,13 +50,13 @@ def cuda_index(local_rank: int, n_visible: int, local_world_size: int = 1, visib
     if n_visible == 1:
         if local_world_size > 1 and visible_devices is None:
             raise DeviceError(f"{local_world_size} processes on this node (torchrun --nproc_per_node), but it has "
-                               "one GPU: start one process per GPU (torchrun --nproc_per_node=1), or give each "
-                               "process its own GPU through CUDA_VISIBLE_DEVICES")
+                              "one GPU: start one process per GPU (torchrun --nproc_per_node=1), or give each "
+                              "process its own GPU through CUDA_VISIBLE_DEVICES")
         return 0
     if local_rank >= n_visible:
         raise DeviceError(f"LOCAL_RANK {local_rank}, but this process sees {n_visible} GPUs: start at most "
-                           f"{n_visible} processes per node (torchrun --nproc_per_node={n_visible}), or give each "
-                           "process its own GPU through CUDA_VISIBLE_DEVICES")
+                          f"{n_visible} processes per node (torchrun --nproc_per_node={n_visible}), or give each "
+                          "process its own GPU through CUDA_VISIBLE_DEVICES")
     return local_rank
 
 
