@@ -311,8 +311,12 @@ def official_to_torchvision(path_in: str | Path, path_out: str | Path, trust_pic
     if result.unexpected_keys or any(not k.startswith("fc.") for k in result.missing_keys):  # defensive
         raise InteropError(f"{path_in}: the exported trunk does not fit torchvision {cfg['arch']}: {result}")
     path_out = Path(path_out)
-    path_out.parent.mkdir(parents=True, exist_ok=True)
-    export_trunk(model.state_dict(), path_out)
+    try:
+        path_out.parent.mkdir(parents=True, exist_ok=True)
+        export_trunk(model.state_dict(), path_out)
+    except OSError as e:  # a parent that is a file, permissions, a full disk
+        raise InteropError(f"cannot write {path_out} ({type(e).__name__}: {e}); choose a path this user can write, "
+                           "with free space") from None
     return cfg
 
 
@@ -383,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"torchvision.models.{cfg['arch']}().load_state_dict(torch.load('{args.out}'), strict=False)")
     except InteropError as exc:
         print(f"interop: error: {exc}", file=sys.stderr)
-        return 1
+        return 2  # a usage or file mistake, as argparse's and the other tools'
     return 0
 
 

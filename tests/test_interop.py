@@ -225,7 +225,7 @@ def test_cli_info_and_export(tmp_path, official_file, capsys):
 def test_cli_export_refuses_an_existing_output_without_force(tmp_path, official_file, capsys):
     out = tmp_path / "trunk.pth"
     out.write_bytes(b"precious")
-    assert interop.main(["export", str(official_file), str(out)]) == 1
+    assert interop.main(["export", str(official_file), str(out)]) == 2
     err = capsys.readouterr().err
     assert err == f"interop: error: output {out} already exists; it was left untouched (pass --force to overwrite it)\n"
     assert out.read_bytes() == b"precious"
@@ -235,14 +235,24 @@ def test_cli_export_refuses_an_existing_output_without_force(tmp_path, official_
     assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
     # never the file being read, --force or not; nor a directory
     before = official_file.read_bytes()
-    assert interop.main(["export", str(official_file), str(official_file), "--force"]) == 1
+    assert interop.main(["export", str(official_file), str(official_file), "--force"]) == 2
     assert "is the checkpoint being read" in capsys.readouterr().err and official_file.read_bytes() == before
-    assert interop.main(["export", str(official_file), str(tmp_path)]) == 1
+    assert interop.main(["export", str(official_file), str(tmp_path)]) == 2
     assert f"output {tmp_path} is a directory" in capsys.readouterr().err
 
 
 def test_cli_error_is_one_line_naming_the_file(tmp_path, capsys):
-    assert interop.main(["export", str(tmp_path / "missing.pth.tar"), str(tmp_path / "o.pth")]) == 1
+    assert interop.main(["export", str(tmp_path / "missing.pth.tar"), str(tmp_path / "o.pth")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("interop: error:") and "missing.pth.tar" in err
     assert not (tmp_path / "o.pth").exists()
+
+
+def test_cli_export_under_a_file_is_a_clear_error(tmp_path, official_file, capsys):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_bytes(b"x")
+    out = blocker / "trunk.pth"
+    assert interop.main(["export", str(official_file), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"interop: error: cannot write {out}") and "Traceback" not in err
+    assert blocker.read_bytes() == b"x"

@@ -116,6 +116,15 @@ def test_cli_does_not_delete_foreign_data(tmp_path: Path, capsys: pytest.Capture
     mine = tmp_path / "demo" / "digits" / "train" / "keep.jpg"
     mine.parent.mkdir(parents=True)
     mine.write_bytes(b"not ours")
-    assert main(["--out", str(tmp_path / "demo"), "--photos", "2"]) == 1
+    assert main(["--out", str(tmp_path / "demo"), "--photos", "2"]) == 2
     assert "--force" in capsys.readouterr().err
     assert mine.exists()
+
+
+def test_cli_out_that_is_a_file_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    out = tmp_path / "demo"
+    out.write_bytes(b"mine")
+    assert main(["--out", str(out), "--photos", "2"]) == 2
+    assert capsys.readouterr().err == (f"make_demo_data: error: --out {out} is a file, not a folder; choose a folder "
+                                       "(it is made if missing)\n")
+    assert out.read_bytes() == b"mine"

@@ -117,7 +117,7 @@ def test_missing_and_empty_metrics_are_clear_errors(tmp_path, capsys):
     blank = make_run(tmp_path, [], name="blank", tail="")
     with pytest.raises(ValueError, match="no training records"):
         plot_run(blank)
-    assert main([str(tmp_path / "empty_run")]) == 1
+    assert main([str(tmp_path / "empty_run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("plot_metrics: error:") and "empty_run" in err
     assert not (tmp_path / "empty_run" / "plots").exists()
@@ -132,3 +132,10 @@ def test_cli(tmp_path, capsys):
     out = tmp_path / "elsewhere"
     assert main([str(run), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "loss.png", "lr.png", "samples_per_s.png"]
+    # an --out that cannot be a folder: one line naming it, the file left alone
+    blocker = tmp_path / "a_file"
+    blocker.write_bytes(b"mine")
+    assert main([str(run), "--out", str(blocker)]) == 2
+    err = capsys.readouterr().err
+    assert f"plot_metrics: error: cannot make the output folder {blocker}" in err and "Traceback" not in err
+    assert blocker.read_bytes() == b"mine"

@@ -257,6 +257,8 @@ def build(out: Path, photos: int = 256, digit_size: int = 32, seed: int = 0, for
     Returns the manifest, with ``"rebuilt": False`` added when nothing had to be written.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder; choose a folder (it is made if missing)")
     settings = {
         "format_version": FORMAT_VERSION,
         "digit_size": digit_size,
@@ -328,9 +330,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         manifest = build(
             args.out, photos=args.photos, digit_size=args.digit_size, seed=args.seed, force=args.force
         )
-    except (FileExistsError, RuntimeError, ValueError) as exc:
+    except (FileExistsError, NotADirectoryError, RuntimeError, ValueError) as exc:
         print(f"make_demo_data: error: {exc}", file=sys.stderr)
-        return 1
+        return 2  # a usage mistake, as argparse's
+    except OSError as exc:  # permissions, a full disk
+        print(f"make_demo_data: error: cannot write in --out {args.out} ({type(exc).__name__}: {exc}); choose a "
+              "folder this user can write, with free space", file=sys.stderr)
+        return 2
     digits, photos, paths = manifest["counts"]["digits"], manifest["counts"]["photos"], manifest["paths"]
     if not manifest["rebuilt"]:
         print(f"demo data already in {args.out} with these settings (pass --force to rebuild)")

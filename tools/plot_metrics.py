@@ -206,7 +206,11 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     run = read_metrics(run_dir / METRICS_NAME)
     config = _read_config(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / PLOTS_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file of that name, permissions
+        raise NotADirectoryError(f"cannot make the output folder {out_dir} ({type(e).__name__}: {e}); pass another "
+                                 "--out") from None
     name = run_dir.resolve().name
     written = [_plot_loss(run, config, out_dir / "loss.png", name)]
     written.append(_plot_step_series(run, "lr", "learning rate", f"{name}: learning rate", out_dir / "lr.png"))
@@ -226,9 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.simplefilter("always")
         try:
             paths = plot_run(args.run_dir, args.out)
-        except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        except (FileNotFoundError, NotADirectoryError, ValueError, RuntimeError) as exc:
             print(f"plot_metrics: error: {exc}", file=sys.stderr)
-            return 1
+            return 2  # a usage mistake, as argparse's
         finally:
             for w in caught:
                 print(f"plot_metrics: warning: {w.message}", file=sys.stderr)
