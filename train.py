@@ -19,6 +19,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import IO
 
 import torch
 import torch.distributed as dist
@@ -242,16 +243,30 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     # The run directory is made and locked here; config.toml and run_info.json are written once setup has
     # succeeded (below the resume), so a start that fails (a typo in --data_path, a model option the checkpoint
     # does not fit) leaves the run's records as they were and `--resume auto` still works.
-    problem = None
+    # A start that fails before then leaves no trace: the lock file and the folders this launch made are removed
+    # when nothing else is in them.
+    problem, setup_done = None, False
+
+    def release_run_dir(lock: IO[str] | None, made: list[Path], lock_was_there: bool) -> None:
+        if not setup_done and not lock_was_there:
+            with contextlib.suppress(OSError):  # removed while still locked: a second launch waits or is refused
+                if [p.name for p in run_dir.iterdir()] == [ckpt.LOCK_FILE]:
+                    (run_dir / ckpt.LOCK_FILE).unlink()
+                    for folder in made:  # deepest first
+                        folder.rmdir()
+        if lock is not None:
+            lock.close()
+
     if info.is_main:
         if run_dir.exists() and not run_dir.is_dir():
             problem = f"[bold red]error:[/] --run_dir {run_dir} is a file, not a directory; choose another --run_dir"
         else:
             try:
+                made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+                lock_was_there = (run_dir / ckpt.LOCK_FILE).exists()
                 run_dir.mkdir(parents=True, exist_ok=True)
                 lock = ckpt.lock_run_dir(run_dir)  # rank 0 speaks for the run
-                if lock is not None:
-                    held.callback(lock.close)
+                held.callback(release_run_dir, lock, made, lock_was_there)
             except ckpt.RunDirBusy as e:
                 problem = (f"[bold red]error:[/] another train.py is using --run_dir {run_dir} ({e}); wait for it to "
                            "end, or choose another --run_dir")
@@ -430,6 +445,7 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
         log(f"no checkpoint in {run_dir}: a new run", highlight=False)
 
     # Setup has succeeded: the run's records (see the run directory's lock above).
+    setup_done = True
     unwritable = None
     if info.is_main:
         try:

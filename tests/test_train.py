@@ -483,7 +483,22 @@ def test_wrong_kind_of_data_path_fails_clearly(digits_dir, digits_beton, tmp_pat
     text = err.out + err.err
     assert "data error" in text and str(data) in text
     assert ("write_ffcv.py" in text) if pipeline == "ffcv" else ("is a file, not a directory" in text)
-    assert not (tmp_path / "r" / "checkpoints").exists()
+    assert not (tmp_path / "r").exists()  # the run directory this launch made is gone again, lock file and all
+
+
+def test_a_failed_start_leaves_no_empty_run_directory(digits_dir, tmp_path, capsys):
+    # new folders: all removed; a folder that was there: kept, without the lock file; a resumable run: untouched
+    assert run(tmp_path / "typo", tmp_path / "runs" / "a" / "r") == 2
+    assert "data error" in capsys.readouterr().err and not any(tmp_path.iterdir())
+    (tmp_path / "mine").mkdir()
+    assert run(tmp_path / "typo", tmp_path / "mine") == 2
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+    run_dir = tmp_path / "r"
+    assert run(digits_dir, run_dir, "--stop_after_epoch", "1") == 0
+    before = sorted(p.name for p in run_dir.iterdir())
+    assert ckpt.LOCK_FILE in before
+    assert run(tmp_path / "typo", run_dir, "--resume", "auto") == 2
+    assert sorted(p.name for p in run_dir.iterdir()) == before
 
 
 def test_cuda_index_of_a_local_rank():
