@@ -554,6 +554,7 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     # read one window later (guards.LossLog), or at once before a checkpoint and at the end of an epoch.
     losses = guards.LossLog(cfg.log_every, info.device)
     last_ckpt_time, stop_now, trained = time.monotonic(), False, False
+    first_step_s = None  # the wall time of this launch's first step (compiling, capturing, warming up)
     # A non-finite loss is kept here until the ranks agree (each checks only its own losses, and one rank may see
     # it a window before the others); then every rank stops together, none left waiting in a collective.
     non_finite: list[guards.NonFiniteLoss] = []
@@ -580,24 +581,28 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
             log(f"[bold yellow]warning:[/] {warning}", highlight=False)
             write_metrics({"event": "collapse_warning", "iteration": w["iteration"], "message": warning})
         mean = sum(values) / len(values)
-        progress.update(w["task"], loss=f"{mean:.4f}", lr=f"{w['lr']:.4g}", sps=f"{w['sps']:.0f}")
+        sps, eta = w["sps"], w["eta"]  # None in a window of this launch's first step alone
+        progress.update(w["task"], loss=f"{mean:.4f}", lr=f"{w['lr']:.4g}", sps="-" if sps is None else f"{sps:.0f}")
         write_metrics({"epoch": w["epoch"], "iteration": w["iteration"], "loss": mean, "loss_last": values[-1],
-                       "lr": w["lr"], "samples_per_s": round(w["sps"], 2)})
+                       "lr": w["lr"], **({} if sps is None else {"samples_per_s": round(sps, 2)})})
         if not console.is_terminal:  # logs and CI: plain lines instead of the live bar
             log(f"epoch {w['epoch'] + 1} step {w['step']}/{steps_per_epoch} loss {mean:.4f} (ln K {ln_k:.3f}) "
-                f"lr {w['lr']:.4g} {w['sps']:.0f} samples/s, ETA {w['eta'] / 60:.1f} min", highlight=False)
+                f"lr {w['lr']:.4g}" + ("" if sps is None else f" {sps:.0f} samples/s")
+                + ("" if eta is None else f", ETA {eta / 60:.1f} min"), highlight=False)
 
-    def close_window(epoch: int, step: int, first_step: int, task, lr: float, flush: bool) -> None:
+    def close_window(epoch: int, step: int, task, lr: float, flush: bool) -> None:
         """End the loss window at `step` (0-based, just run); report the windows whose values reached the host."""
         nonlocal t_log, n_log
         window = None
         if len(losses):
             # host clock: between two windows it measures how fast steps are queued, which the bounded queues
-            # (data staging, the wait for the window before) tie to the device's pace
+            # (data staging, the wait for the window before) tie to the device's pace. Rates and ETA leave out
+            # this launch's first step (compiling, capturing the graph, cuDNN's benchmarks).
             now = time.perf_counter()
-            sps = n_log * global_batch / (now - t_log)
+            sps = n_log * global_batch / (now - t_log) if n_log else None
             t_log, n_log = now, 0
-            eta = (now - t_epoch) / (step + 1 - first_step) * (steps_per_epoch * (last_epoch - epoch) - step - 1)
+            timed = step + 1 - timed_from
+            eta = (now - t_rate) / timed * (steps_per_epoch * (last_epoch - epoch) - step - 1) if timed else None
             window = {"epoch": epoch, "step": step + 1, "iteration": iteration, "lr": lr, "sps": sps, "eta": eta,
                       "task": task}
         for values, w in losses.close_window(window, flush=flush):
@@ -616,8 +621,9 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                 task = progress.add_task("train", total=steps_per_epoch, completed=first_step, loss="-", lnk=ln_k,
                                          lr="-", sps="-", epoch=f"{epoch + 1}/{cfg.epochs}")
                 model.train()
-                t_epoch = t_log = time.perf_counter()
+                t_epoch = t_log = t_rate = time.perf_counter()
                 n_log = skipped = 0
+                timed_from = first_step  # the first step the rates count
                 for step, batch in enumerate(loader, start=first_step):
                     # the schedule's iteration, as the official loop counts it (epoch * len(loader) + step); equal to
                     # `iteration` (the run's step counter, which names the checkpoints) unless a resume changed the
@@ -629,13 +635,17 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                                       step_core, grad_group)
                     losses.add(loss)
                     iteration += 1
-                    n_log += 1
+                    if first_step_s is None:  # this launch's first step: timed alone, not in the rates
+                        t_log = t_rate = time.perf_counter()
+                        first_step_s, timed_from = t_rate - t_epoch, step + 1
+                    else:
+                        n_log += 1
                     skipped += len(batch.skipped)
                     epoch_end = step + 1 == steps_per_epoch
                     progress.update(task, completed=step + 1)
                     timed = False
                     if losses.full or epoch_end or (info.world_size == 1 and stop_signal):
-                        close_window(epoch, step, first_step, task, lr, flush=epoch_end)
+                        close_window(epoch, step, task, lr, flush=epoch_end)
                         timed = cfg.checkpoint_every_minutes > 0 and (
                             time.monotonic() - last_ckpt_time) / 60 >= cfg.checkpoint_every_minutes
                         stop_now, timed, bad = agree_any([bool(stop_signal), timed, bool(non_finite)], info)
@@ -643,7 +653,7 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                     by_steps = cfg.checkpoint_every_steps > 0 and iteration % cfg.checkpoint_every_steps == 0
                     if not epoch_end and (timed or by_steps or stop_now):
                         # never checkpoint a state whose losses were not checked: wait for them now
-                        close_window(epoch, step, first_step, task, lr, flush=True)
+                        close_window(epoch, step, task, lr, flush=True)
                         stop_if_non_finite(agree_any([bool(non_finite)], info)[0])
                         path = save(epoch, step + 1)
                         last_ckpt_time = time.monotonic()
@@ -654,7 +664,10 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                 progress.remove_task(task)
                 if stop_now and not epoch_end:
                     break
-                epoch_time = time.perf_counter() - t_epoch
+                epoch_end_time = time.perf_counter()
+                epoch_time = epoch_end_time - t_epoch
+                rate = ((steps_per_epoch - timed_from) * global_batch / (epoch_end_time - t_rate)
+                        if steps_per_epoch > timed_from else None)
                 mean_loss = epoch_loss_sum / max(1, steps_per_epoch)
                 if info.world_size > 1:  # unreadable images replaced this epoch, all ranks
                     n = torch.tensor(skipped, device=info.device)
@@ -666,7 +679,8 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                                "epoch_time_s": round(epoch_time, 2), "iteration": iteration,
                                "queue_in_use": bool(queue is not None and queue.in_use), "skipped_images": skipped})
                 log(f"epoch {epoch + 1}/{cfg.epochs}: mean loss {mean_loss:.4f} (ln K = {ln_k:.3f}), "
-                    f"{epoch_time:.1f} s, {(steps_per_epoch - first_step) * global_batch / epoch_time:.0f} samples/s"
+                    f"{epoch_time:.1f} s" + ("" if rate is None else f", {rate:.0f} samples/s")
+                    + (f" after the first step (which took {first_step_s:.1f} s)" if timed_from > first_step else "")
                     + (", queue in use" if queue is not None and queue.in_use else "")
                     + (f", [yellow]{skipped} unreadable image(s) replaced (see the warnings)[/]" if skipped else ""),
                     highlight=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,16 @@ def test_two_epochs_then_resume_gives_the_same_losses(digits_dir, tmp_path, caps
     assert state["queue"]["n_pushed"] == 4 and state["queue"]["buffers"][0].abs().sum() > 0
     # resume with nothing but the run directory: the saved config is the base
     assert train.main(["--run_dir", str(split), "--resume", "auto"]) == 0
+    # rates and ETA leave out each launch's first step (compiling, capturing, the loader's start): its window
+    # (--log_every 1) has none, and the epoch line of that step says so
+    err = capsys.readouterr().err
+    first, second = (line for line in err.splitlines() if line.startswith(("epoch 2 step 1/", "epoch 2 step 2/")))
+    assert "samples/s" not in first and "ETA" not in first, first
+    assert "samples/s, ETA" in second, second
+    assert re.search(r"epoch 2/2: mean loss .* samples/s after the first step \(which took \d+\.\d s\)", err), err
+    rows = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
+    rates = {r["iteration"]: "samples_per_s" in r for r in rows if "event" not in r and "loss_last" in r}
+    assert rates == {i: i not in (1, 5) for i in range(1, 9)}, rates  # two launches: iterations 1 and 5 first
 
     epoch1, epoch2 = step_losses(full, 0), step_losses(full, 1)
     assert len(epoch1) == 4 and len(epoch2) == 4
