@@ -495,7 +495,7 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
 
-    def save(epoch: int, step_in_epoch: int) -> Path | None:
+    def save(epoch: int, step_in_epoch: int, keep_for_good: bool = False) -> Path | None:
         """Every rank takes part in the gathers; rank 0 writes; then the ranks agree on whether it could. A failed
         write (a full disk, a quota) stops every rank at once: were rank 0 to stop alone, the others would wait for
         it in the next collective until a timeout."""
@@ -508,7 +508,7 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                     "epoch_loss_sum": epoch_loss_sum, "model": core.state_dict(),
                     "optimizer": optimizer.state_dict(), "queue": queue_state, "rng": rng_states,
                     "config": dataclasses.asdict(cfg), "world_size": info.world_size,
-                }, run_dir, cfg.keep_checkpoints)
+                }, run_dir, cfg.keep_checkpoints, ckpt.kept_checkpoint_path(run_dir, epoch) if keep_for_good else None)
             except Exception as e:  # noqa: BLE001 - told to every rank first, then raised as what it is
                 error = e
         if agree_any([error is not None], info)[0]:
@@ -673,7 +673,8 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                     n = torch.tensor(skipped, device=info.device)
                     dist.all_reduce(n)
                     skipped = int(n.item())
-                save(epoch + 1, 0)
+                save(epoch + 1, 0, cfg.checkpoint_freq > 0 and ((epoch + 1) % cfg.checkpoint_freq == 0
+                                                                 or epoch + 1 == cfg.epochs))
                 last_ckpt_time = time.monotonic()
                 write_metrics({"event": "epoch", "epoch": epoch, "loss": mean_loss, "ln_k": ln_k,
                                "epoch_time_s": round(epoch_time, 2), "iteration": iteration,

@@ -103,8 +103,14 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted((Path(run_dir) / CHECKPOINT_DIR).glob("ckpt_*.pth"))
 
 
-def save_checkpoint(state: dict, run_dir: str | Path, keep: int) -> Path:
-    """Write checkpoints/ckpt_<iteration>.pth and its checksum, then drop all but the newest `keep`."""
+def kept_checkpoint_path(run_dir: str | Path, epochs_done: int) -> Path:
+    """Where --checkpoint_freq keeps an epoch's checkpoint for good (not among list_checkpoints, never dropped)."""
+    return Path(run_dir) / CHECKPOINT_DIR / f"epoch_{epochs_done:04d}.pth"
+
+
+def save_checkpoint(state: dict, run_dir: str | Path, keep: int, keep_also_as: Path | None = None) -> Path:
+    """Write checkpoints/ckpt_<iteration>.pth and its checksum, then drop all but the newest `keep`; with
+    `keep_also_as`, the same file (a hard link where the filesystem has them) and its checksum there too."""
     path = checkpoint_path(run_dir, state["iteration"])
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
@@ -117,6 +123,15 @@ def save_checkpoint(state: dict, run_dir: str | Path, keep: int) -> Path:
     except BaseException:  # e.g. a full disk: leave no checkpoint that looks newest but cannot be loaded
         path.unlink(missing_ok=True)
         raise
+    if keep_also_as is not None:
+        tmp = keep_also_as.with_name(f".{keep_also_as.name}.link{os.getpid()}")
+        try:
+            os.link(path, tmp)  # no second copy of the bytes; then renamed over any older file of that name
+            os.replace(tmp, keep_also_as)
+        except OSError:  # no hard links here (some network and FAT filesystems): a copy
+            tmp.unlink(missing_ok=True)
+            write_atomic(data, keep_also_as)
+        write_atomic(f"{hashlib.sha256(data).hexdigest()}  {keep_also_as.name}\n".encode(), _sidecar(keep_also_as))
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
         _sidecar(old).unlink(missing_ok=True)
@@ -160,7 +175,8 @@ def load(path: str | Path) -> dict:
     except Exception as e:  # a truncated or foreign file: say which and why
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a swav_fast checkpoint (format {FORMAT} expected)")
+        raise CheckpointError(f"{path} is not a swav_fast checkpoint (format {FORMAT} expected); to start a run from "
+                              "the weights of an official SwAV checkpoint or a trunk, pass it to --init_from")
     return state
 
 

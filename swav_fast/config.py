@@ -2,7 +2,8 @@
 
 Precedence: dataclass defaults < preset TOML (``--preset NAME`` or a path) < command-line flags.
 Flags are generated from the fields, spelled as in the official main_swav.py (``--base_lr``) with a
-hyphenated alias (``--base-lr``), so official command lines mostly carry over. Every value is checked
+hyphenated alias (``--base-lr``), so the algorithm's flags carry over; the official launch flags this command
+line replaces (``--dump_path``, ``--dist_url``, ...) are named with their replacement. Every value is checked
 before any work starts; a wrong key or value names the option and, for keys, the closest valid name.
 """
 
@@ -102,6 +103,9 @@ class Config:
     checkpoint_every_minutes: float = _f(30.0, "also checkpoint when this much time has passed since the last one "
                                          "(0: off)")
     keep_checkpoints: int = _f(3, "how many of the newest checkpoints to keep")
+    checkpoint_freq: int = _f(0, "also keep the checkpoint of every this many epochs (and of the last epoch) for "
+                                 "good, as checkpoints/epoch_<epochs done>.pth (0: none; main_swav.py keeps one every "
+                                 "25 epochs)")
     collapse_margin: float = _f(0.02, "loss within this of ln K counts towards the collapse warning")
     collapse_window: int = _f(1000, "steps after the freeze window with the loss that close to ln K before the "
                               "collapse warning (0: off)")
@@ -232,7 +236,7 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
             raise bad(name, "must be >= 1")
     for name in ("workers", "hidden_mlp", "queue_length", "epoch_queue_starts", "freeze_prototypes_niters",
                  "warmup_epochs", "max_steps_per_epoch", "stop_after_epoch", "sync_bn_group_size",
-                 "checkpoint_every_steps", "collapse_window"):
+                 "checkpoint_every_steps", "checkpoint_freq", "collapse_window"):
         if getattr(cfg, name) < 0:
             raise bad(name, "must be >= 0")
     if cfg.warmup_epochs > cfg.epochs:
@@ -266,12 +270,36 @@ def trimmed_queue_length(cfg: Config, world_size: int) -> int:
 # ----------------------------------------------------------------------------- command line
 
 
+_LAUNCHER = "not needed: torchrun sets up the ranks"
+# official main_swav.py flags that this command line spells otherwise or does not need: what to pass instead
+OFFICIAL_FLAGS = {
+    "dump_path": "here: --run_dir",
+    "use_fp16": "here: --precision, bf16 autocast on CUDA by default",
+    "syncbn_process_group_size": "here: --sync_bn_group_size",
+    "dist_url": _LAUNCHER,
+    "world_size": _LAUNCHER,
+    "rank": _LAUNCHER,
+}
+SYNC_BN_KINDS = ("apex", "pytorch")  # the official --sync_bn takes one of these; here it is a switch
+
+
+def _unrecognized_hint(arg: str) -> str:
+    """An unrecognized command-line word with what to pass instead, where that is known."""
+    name = arg.lstrip("-").split("=", 1)[0].replace("-", "_")
+    if arg.startswith("--") and name in OFFICIAL_FLAGS:
+        return f"{arg} (main_swav.py's flag; {OFFICIAL_FLAGS[name]})"
+    if arg.startswith("--"):
+        return f"{arg}{_closest_flag(arg)}"
+    if arg in SYNC_BN_KINDS:
+        return f"{arg} (--sync_bn is a switch here, on by default: PyTorch's SyncBatchNorm)"
+    return arg
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:  # type: ignore[override]
-        if "unrecognized arguments" in message:
-            flags = [a for a in message.split(":", 1)[1].split() if a.startswith("--")]
-            hints = [f"{a}{_closest_flag(a)}" for a in flags]
-            message = f"unrecognized arguments: {' '.join(hints) or message}"
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            message = prefix + " ".join(_unrecognized_hint(a) for a in message[len(prefix):].split())
         super().error(message)
 
 
@@ -308,12 +336,17 @@ def build_parser() -> argparse.ArgumentParser:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         kw["help"] += f" (default: {default})"
         p.add_argument(*names, **kw, **extra)
+    # torch.distributed.launch passes each process --local-rank=N (older versions --local_rank); the environment
+    # (LOCAL_RANK, as under torchrun) says the same, and that is what train.py reads
+    p.add_argument("--local-rank", "--local_rank", dest="launcher_local_rank", default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
     return p
 
 
 def parse_config(argv: list[str] | None = None, world_size: int = 1) -> Config:
     """Defaults, then the preset, then the flags; validated."""
     args = vars(build_parser().parse_args(argv))
+    args.pop("launcher_local_rank", None)
     preset = args.pop("preset")
     values: dict[str, Any] = load_toml(preset_path(preset)) if preset else {}
     values.update(args)

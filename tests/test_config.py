@@ -114,6 +114,28 @@ def test_unknown_flag_names_closest(capsys, argv, closest):
     parse_config([closest, *value])  # and the suggestion is a flag that parses
 
 
+def test_official_command_lines_name_what_to_pass_instead(capsys):
+    # the official bs256 script's launch flags: each unknown one with its replacement, no flag guessed by spelling
+    argv = ["--dump_path", "/x", "--use_fp16", "true", "--sync_bn", "pytorch", "--syncbn_process_group_size", "8",
+            "--dist_url", "env://", "--world_size", "4", "--rank", "0", "stray"]
+    with pytest.raises(SystemExit) as e:
+        parse_config(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err == (
+        "train.py: error: unrecognized arguments: --dump_path (main_swav.py's flag; here: --run_dir) /x --use_fp16 "
+        "(main_swav.py's flag; here: --precision, bf16 autocast on CUDA by default) true pytorch (--sync_bn is a "
+        "switch here, on by default: PyTorch's SyncBatchNorm) --syncbn_process_group_size (main_swav.py's flag; "
+        "here: --sync_bn_group_size) 8 --dist_url (main_swav.py's flag; not needed: torchrun sets up the ranks) "
+        "env:// --world_size (main_swav.py's flag; not needed: torchrun sets up the ranks) 4 --rank (main_swav.py's "
+        "flag; not needed: torchrun sets up the ranks) 0 stray").replace("train.py", err.split(":")[0])
+    # what the table points to parses; torch.distributed.launch's --local-rank (older: --local_rank) is accepted
+    cfg = parse_config(["--run_dir", "/x", "--precision", "auto", "--sync_bn", "--sync_bn_group_size", "1",
+                        "--checkpoint_freq", "25", "--local-rank=1"])
+    assert (cfg.run_dir, cfg.sync_bn, cfg.sync_bn_group_size, cfg.checkpoint_freq) == ("/x", True, 1, 25)
+    assert parse_config(["--local_rank", "0"]) == parse_config([])
+
+
 def test_unknown_preset_names_closest():
     with pytest.raises(ConfigError, match="bs256_200ep"):
         parse_config(["--preset", "bs256_200"])

@@ -115,6 +115,43 @@ def test_faithful_path_keeps_trunk_frozen(digits_dir, val_dir):
     assert not _frozen_features(trunk, torch.zeros(2, 3, 32, 32)).requires_grad
 
 
+def test_checkpoint_resumes_to_the_same_result(tmp_path, digits_dir, val_dir, capsys):
+    # the faithful path (random crops and flips drawn in this process): stopped after 2 of 4 epochs, then resumed
+    def trunk():
+        return load_eval_trunk(None, "resnet18")[0]
+
+    kw = {"size": 32, "epochs": 4, "batch_size": 32, "eval_every": 2}
+    whole = linear_eval(trunk(), digits_dir, val_dir, **kw)
+
+    def stop_after_two(entry):
+        if entry["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    ck = tmp_path / "sub" / "linear.pth"
+    with pytest.raises(KeyboardInterrupt):
+        linear_eval(trunk(), digits_dir, val_dir, **kw, on_epoch=stop_after_two, checkpoint=ck)
+    seen = []
+    resumed = linear_eval(trunk(), digits_dir, val_dir, **kw, on_epoch=seen.append, checkpoint=ck)
+    assert resumed.pop("resumed_from_epoch") == 2 and "resumed from" in capsys.readouterr().err
+    assert resumed == whole and seen == whole["history"]  # bit-equal on CPU, every epoch reported once
+    # a finished checkpoint gives its figures without training; another evaluation's is refused, untouched
+    assert {k: v for k, v in linear_eval(trunk(), digits_dir, val_dir, **kw, checkpoint=ck).items()
+            if k != "resumed_from_epoch"} == whole
+    before = ck.read_bytes()
+    with pytest.raises(ValueError, match=r"written by another evaluation \(lr 0.3 -> 0.1\)"):
+        linear_eval(trunk(), digits_dir, val_dir, **kw, lr=0.1, checkpoint=ck)
+    other = trunk()
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    with pytest.raises(ValueError, match=r"another evaluation \(trunk_checksum "):
+        linear_eval(other, digits_dir, val_dir, **kw, checkpoint=ck)
+    assert ck.read_bytes() == before
+    ck.write_bytes(b"not a checkpoint")
+    assert main(["--random-init", "--arch", "resnet18", "--train", str(digits_dir), "--val", str(val_dir), "--size",
+                 "32", "--epochs", "4", "--workers", "0", "--checkpoint", str(ck)]) == 2
+    assert f"linear_eval: error: --checkpoint {ck} cannot be read" in capsys.readouterr().err
+
+
 def test_trunk_inputs_all_give_the_same_trunk(tmp_path, digits_dir):
     torch.manual_seed(5)
     swav = SwAVModel("resnet18", hidden_mlp=32, feat_dim=8, n_prototypes=6)

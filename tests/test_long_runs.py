@@ -278,6 +278,27 @@ def test_keeps_the_last_k_and_falls_back_from_a_corrupt_one(digits_dir, tmp_path
     assert losses_by_iteration(run_dir) == reference_run
 
 
+def test_checkpoint_freq_keeps_epoch_checkpoints_for_good(digits_dir, tmp_path, reference_run, monkeypatch):
+    # every 2nd epoch and the last one, beside the newest --keep_checkpoints; the same bytes, not a second copy
+    run_dir = tmp_path / "kept"
+    assert run(digits_dir, run_dir, *LONG, "--keep_checkpoints", "1", "--checkpoint_freq", "2") == 0
+    assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["ckpt_000000012.pth"]
+    kept = sorted((run_dir / ckpt.CHECKPOINT_DIR).glob("epoch_*.pth"))
+    assert [p.name for p in kept] == ["epoch_0002.pth", "epoch_0003.pth"]
+    assert [(s["epoch"], s["step_in_epoch"], s["iteration"]) for s in map(ckpt.load, kept)] == [(2, 0, 8), (3, 0, 12)]
+    assert kept[1].stat().st_ino == ckpt.list_checkpoints(run_dir)[0].stat().st_ino
+    assert losses_by_iteration(run_dir) == reference_run
+    # a filesystem without hard links gets a copy, with its own checksum file
+    monkeypatch.setattr(ckpt.os, "link", lambda *a: (_ for _ in ()).throw(OSError(errno.EPERM, "no links here")))
+    state = ckpt.load(kept[0])
+    path = ckpt.save_checkpoint(state, tmp_path / "copies", 1, ckpt.kept_checkpoint_path(tmp_path / "copies", 2))
+    copy = ckpt.kept_checkpoint_path(tmp_path / "copies", 2)
+    assert copy.read_bytes() == path.read_bytes() and copy.stat().st_ino != path.stat().st_ino
+    assert ckpt.load(copy)["iteration"] == 8
+    assert sorted(p.name for p in copy.parent.iterdir()) == [
+        "ckpt_000000008.pth", "ckpt_000000008.pth.sha256", "epoch_0002.pth", "epoch_0002.pth.sha256"]
+
+
 def test_checkpoint_without_checksum_is_not_trusted(tmp_path):
     path = ckpt.checkpoint_path(tmp_path, 5)
     path.parent.mkdir(parents=True)

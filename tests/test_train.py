@@ -443,6 +443,12 @@ def test_resume_from_a_corrupt_checkpoint_names_it(digits_dir, tmp_path, capsys)
     bad.write_bytes(b"\x00" * 100)
     assert run(digits_dir, tmp_path / "r", "--resume", str(bad)) == 2
     assert str(bad) in capsys.readouterr().err
+    # an official checkpoint (or a trunk) is not a run to continue: the message says how to start from it
+    official = tmp_path / "swav_800ep_pretrain.pth.tar"
+    torch.save({"module.conv1.weight": torch.zeros(64, 3, 7, 7)}, official)
+    assert run(digits_dir, tmp_path / "r", "--resume", str(official)) == 2
+    err = capsys.readouterr().err
+    assert f"{official} is not a swav_fast checkpoint" in err and "pass it to --init_from" in err, err
 
 
 def test_init_from_an_official_layout_checkpoint(digits_dir, tmp_path):

@@ -58,6 +58,7 @@ from torchvision import transforms
 if __package__ in (None, ""):  # run as `python tools/linear_eval.py`: make `tools` and `swav_fast` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from swav_fast.checkpoint import save_atomic  # noqa: E402
 from tools.knn_eval import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -67,6 +68,7 @@ from tools.knn_eval import (  # noqa: E402
     load_eval_trunk,
 )
 
+CHECKPOINT_FORMAT = "swav_fast linear_eval/1"
 DEFAULTS = {"epochs": 100, "lr": 0.3, "final_lr": 0.0, "momentum": 0.9, "wd": 1e-6, "batch_size": 256}
 
 
@@ -130,6 +132,7 @@ def linear_eval(
     seed: int = 31,
     console: Console | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    checkpoint: str | Path | None = None,
 ) -> dict:
     """Train a linear classifier on the frozen ``trunk``'s features; returns the figures and per-epoch history.
 
@@ -137,6 +140,12 @@ def linear_eval(
     the official script reports), top5_k (5, or the class count when smaller), n_train, n_val, n_classes,
     num_features, history (one dict per epoch: epoch, lr, train_loss, train_top1 and, on evaluated epochs,
     val_top1, val_top5). ``on_epoch`` is called with each history entry.
+
+    With ``checkpoint``, the classifier, its optimiser, the history and the random states are written there after
+    every epoch (atomically), and an existing file of the same settings and trunk is continued from: with
+    ``workers=0`` (or ``precompute``) the resumed run gives the same numbers as an uninterrupted one; with worker
+    processes, the augmentations after the resume are other draws of the same distribution. The result then has
+    ``resumed_from_epoch``.
     """
     if epochs < 1 or batch_size < 1 or eval_every < 1 or size < 1:
         raise ValueError("epochs, batch_size, eval_every and size must be at least 1")
@@ -146,6 +155,11 @@ def linear_eval(
     if nesterov and momentum == 0:
         raise ValueError("nesterov needs a momentum above 0")
     n_classes, notes = check_classes(train_dir, val_dir)  # each an ImageFolder root or a write_ffcv .beton
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        if checkpoint.is_dir():
+            raise ValueError(f"--checkpoint {checkpoint} is a directory: pass the path of a file")
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     console = console or Console(stderr=True)
     for note in notes:
@@ -179,9 +193,21 @@ def linear_eval(
         nn.init.normal_(head.weight, mean=0.0, std=0.01)
         nn.init.zeros_(head.bias)
         optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=wd, nesterov=nesterov)
+        # what a checkpoint must share with this run to be continued by it (eval_every and workers may change)
+        identity = {"epochs": epochs, "lr": lr, "final_lr": final_lr, "momentum": momentum, "wd": wd,
+                    "batch_size": batch_size, "nesterov": nesterov, "precompute": precompute, "seed": seed,
+                    "size": size, "n_train": len(train_set), "n_val": len(val_set), "n_classes": n_classes,
+                    "num_features": num_features, "trunk_checksum": _trunk_checksum(trunk)}
+        start_epoch = 0
+        if checkpoint is not None and Path(checkpoint).is_file():
+            history, start_epoch = _resume(Path(checkpoint), identity, head, optimizer, generator)
+            console.print(f"resumed from {checkpoint}: {start_epoch} of {epochs} epochs done", highlight=False)
+            for entry in history:
+                if on_epoch:
+                    on_epoch(entry)
 
-        epoch_task = progress.add_task("linear eval", total=epochs)
-        for epoch in range(epochs):
+        epoch_task = progress.add_task("linear eval", total=epochs, completed=start_epoch)
+        for epoch in range(start_epoch, epochs):
             epoch_lr = cosine_lr(epoch, epochs, lr, final_lr)
             for group in optimizer.param_groups:
                 group["lr"] = epoch_lr
@@ -214,6 +240,10 @@ def linear_eval(
             if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
                 entry["val_top1"], entry["val_top5"] = _evaluate(head, val_feats, val_labels, device)
             history.append(entry)
+            if checkpoint is not None:
+                save_atomic({"format": CHECKPOINT_FORMAT, "identity": identity, "head": head.state_dict(),
+                             "optimizer": optimizer.state_dict(), "history": history,
+                             "generator": generator.get_state(), "torch_rng": torch.get_rng_state()}, checkpoint)
             if on_epoch:
                 on_epoch(entry)
             progress.advance(epoch_task)
@@ -229,7 +259,38 @@ def linear_eval(
         "n_classes": n_classes,
         "num_features": num_features,
         "history": history,
+        **({"resumed_from_epoch": start_epoch} if start_epoch else {}),
     }
+
+
+def _trunk_checksum(trunk: nn.Module) -> float:
+    """A number that tells two trunks apart (the sum of every floating-point tensor, in float64)."""
+    return sum(float(v.detach().cpu().double().sum()) for v in trunk.state_dict().values() if v.is_floating_point())
+
+
+def _resume(path: Path, identity: dict, head: nn.Module, optimizer: torch.optim.Optimizer,
+            generator: torch.Generator) -> tuple[list[dict], int]:
+    """Load a linear-eval checkpoint into the head, the optimiser and the random states; (history, epochs done).
+    ValueError naming the file when it is not one, or was written by another evaluation."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which and why
+        raise ValueError(f"--checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it to start over, "
+                         "or pass another --checkpoint") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"--checkpoint {path} is not a linear_eval checkpoint; pass another --checkpoint")
+    saved = state["identity"]
+    # the trunk's checksum to the last bits of another CPU's summation order
+    changed = [f"{k} {saved.get(k)} -> {v}" for k, v in identity.items() if saved.get(k) != v and not (
+        k == "trunk_checksum" and isinstance(saved.get(k), float) and math.isclose(saved[k], v, rel_tol=1e-9))]
+    if changed:
+        raise ValueError(f"--checkpoint {path} was written by another evaluation ({', '.join(changed)}); run with "
+                         "its settings and trunk to continue it, or pass another --checkpoint to start over")
+    head.load_state_dict(state["head"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["history"], len(state["history"])
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -264,6 +325,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--seed", type=int, default=31, help="classifier init and shuffling (default 31)")
     parser.add_argument("--json", type=Path, help="write settings, final figures and history to this JSON file")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="save the classifier after every epoch to this file, and continue from it when it "
+                             "exists (the same settings and trunk): a long evaluation can be stopped and resumed")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow --trunk files with arbitrary pickled objects (runs code from the file)")
     args = parser.parse_args(argv)
@@ -306,9 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         start = time.perf_counter()
         result = linear_eval(trunk, args.train, args.val, args.size, args.epochs, args.lr, args.final_lr,
                              args.momentum, args.wd, args.batch_size, args.nesterov, args.precompute,
-                             args.eval_every, args.workers, device, args.seed, console, report)
+                             args.eval_every, args.workers, device, args.seed, console, report, args.checkpoint)
         elapsed = time.perf_counter() - start
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # a file not found, a full disk under --checkpoint, a data mistake
         print(f"linear_eval: error: {exc}", file=sys.stderr)
         return 2  # a usage or data mistake, as train.py's config errors and argparse's
 
