@@ -681,7 +681,8 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                                "queue_in_use": bool(queue is not None and queue.in_use), "skipped_images": skipped})
                 log(f"epoch {epoch + 1}/{cfg.epochs}: mean loss {mean_loss:.4f} (ln K = {ln_k:.3f}), "
                     f"{epoch_time:.1f} s" + ("" if rate is None else f", {rate:.0f} samples/s")
-                    + (f" after the first step (which took {first_step_s:.1f} s)" if timed_from > first_step else "")
+                    + (f" after the first step (which took {first_step_s:.1f} s)"
+                       if rate is not None and timed_from > first_step else "")
                     + (", queue in use" if queue is not None and queue.in_use else "")
                     + (f", [yellow]{skipped} unreadable image(s) replaced (see the warnings)[/]" if skipped else ""),
                     highlight=False)
