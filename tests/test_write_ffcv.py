@@ -258,6 +258,34 @@ def test_a_dead_writer_worker_is_an_error_not_a_hang(tmp_path, monkeypatch, how)
 
 
 @needs_ffcv
+def test_a_dead_writer_worker_is_noticed_where_sigint_is_ignored(tmp_path):
+    # a background job of a script starts with SIGINT ignored; the watcher's signal must not be lost (it was: hang)
+    import subprocess
+    import sys
+
+    src = write_digits(tmp_path / "digits", per_class=4)
+    code = f"""
+import os, signal, sys
+sys.path.insert(0, {str(REPO)!r})
+from tools import write_ffcv
+real = write_ffcv._PreparedImages.__getitem__
+def dies(self, i):
+    if i == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, i)
+write_ffcv._PreparedImages.__getitem__ = dies
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+try:
+    write_ffcv.write_beton({str(src)!r}, {str(tmp_path / "d.beton")!r}, max_side=16, workers=2, progress=False)
+except write_ffcv.WorkerDied as e:
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # put back as it was
+    print("died:", e)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "died: an ffcv writer process was killed by signal 9" in done.stdout, done.stderr[-2000:]
+
+
+@needs_ffcv
 def test_csv_input(tmp_path, mixed_folder):
     imgs = tmp_path / "lists" / "imgs"
     imgs.mkdir(parents=True)

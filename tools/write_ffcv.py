@@ -266,8 +266,9 @@ def _watch_ffcv_workers(poll_s: float = 0.5):
     ffcv's DatasetWriter polls a shared counter until every sample is written; if a worker process dies (the
     kernel's OOM killer, a signal, an error ffcv does not catch), the counter stops and it waits forever. Here
     the Process class ffcv uses is wrapped to record the workers, and a thread sends SIGINT to the main thread
-    as soon as one of them has exited with a non-zero code; the other workers are then stopped. Needs the
-    default SIGINT handler (KeyboardInterrupt), which write_ffcv's CLI has.
+    as soon as one of them has exited with a non-zero code; the other workers are then stopped. Python's own
+    SIGINT handler (KeyboardInterrupt) is put back for the block where SIGINT was ignored (a background job of a
+    script ignores it), so that the signal is not lost; called outside the main thread, that cannot be done.
     """
     import ffcv.writer
 
@@ -293,6 +294,10 @@ def _watch_ffcv_workers(poll_s: float = 0.5):
                     return
 
     ffcv.writer.Process = recording_process
+    ignored = (threading.current_thread() is threading.main_thread()
+               and signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     thread = threading.Thread(target=watch, name="ffcv-worker-watch", daemon=True)
     thread.start()
     try:
@@ -308,6 +313,8 @@ def _watch_ffcv_workers(poll_s: float = 0.5):
         with lock:
             stop.set()
         thread.join()
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         ffcv.writer.Process = real_process
         for w in workers:
             if w.is_alive():
