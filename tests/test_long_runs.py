@@ -430,7 +430,7 @@ sys.path.insert(0, os.getcwd())
 import train
 
 if os.environ["RANK"] == "0":  # rank 0, the writer, finds the disk full at the first checkpoint
-    def full_disk(state, run_dir, keep):
+    def full_disk(state, run_dir, keep, keep_also_as=None):
         raise OSError(28, "No space left on device")
 
     train.ckpt.save_checkpoint = full_disk
