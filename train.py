@@ -554,7 +554,7 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     # read one window later (guards.LossLog), or at once before a checkpoint and at the end of an epoch.
     losses = guards.LossLog(cfg.log_every, info.device)
     last_ckpt_time, stop_now, trained = time.monotonic(), False, False
-    first_step_s = None  # the wall time of this launch's first step (compiling, capturing, warming up)
+    first_step_s = None  # the wall time of this launch's first step (compiling, warming up, the loader's start)
     # A non-finite loss is kept here until the ranks agree (each checks only its own losses, and one rank may see
     # it a window before the others); then every rank stops together, none left waiting in a collective.
     non_finite: list[guards.NonFiniteLoss] = []
@@ -597,7 +597,7 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
         if len(losses):
             # host clock: between two windows it measures how fast steps are queued, which the bounded queues
             # (data staging, the wait for the window before) tie to the device's pace. Rates and ETA leave out
-            # this launch's first step (compiling, capturing the graph, cuDNN's benchmarks).
+            # this launch's first step (torch.compile, cuDNN's benchmarks, the loader's first batch).
             now = time.perf_counter()
             sps = n_log * global_batch / (now - t_log) if n_log else None
             t_log, n_log = now, 0
