@@ -116,10 +116,11 @@ def save_checkpoint(state: dict, run_dir: str | Path, keep: int, keep_also_as: P
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
     write_atomic(data, path)
     # the sidecar comes second: a checkpoint without one was interrupted and is not trusted
     try:
-        write_atomic(f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode(), _sidecar(path))
+        write_atomic(f"{digest}  {path.name}\n".encode(), _sidecar(path))
     except BaseException:  # e.g. a full disk: leave no checkpoint that looks newest but cannot be loaded
         path.unlink(missing_ok=True)
         raise
@@ -131,7 +132,7 @@ def save_checkpoint(state: dict, run_dir: str | Path, keep: int, keep_also_as: P
         except OSError:  # no hard links here (some network and FAT filesystems): a copy
             tmp.unlink(missing_ok=True)
             write_atomic(data, keep_also_as)
-        write_atomic(f"{hashlib.sha256(data).hexdigest()}  {keep_also_as.name}\n".encode(), _sidecar(keep_also_as))
+        write_atomic(f"{digest}  {keep_also_as.name}\n".encode(), _sidecar(keep_also_as))
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
         _sidecar(old).unlink(missing_ok=True)

@@ -199,8 +199,8 @@ def linear_eval(
                     "size": size, "n_train": len(train_set), "n_val": len(val_set), "n_classes": n_classes,
                     "num_features": num_features, "trunk_checksum": _trunk_checksum(trunk)}
         start_epoch = 0
-        if checkpoint is not None and Path(checkpoint).is_file():
-            history, start_epoch = _resume(Path(checkpoint), identity, head, optimizer, generator)
+        if checkpoint is not None and checkpoint.is_file():
+            history, start_epoch = _resume(checkpoint, identity, head, optimizer, generator)
             console.print(f"resumed from {checkpoint}: {start_epoch} of {epochs} epochs done", highlight=False)
             for entry in history:
                 if on_epoch:
