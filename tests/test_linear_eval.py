@@ -16,6 +16,7 @@ import torchvision
 from conftest import needs_ffcv, write_digits
 
 from swav_fast.checkpoint import FORMAT
+from swav_fast.distributed import DistInfo
 from swav_fast.model import SwAVModel
 from tools.knn_eval import eval_dataset, image_folder
 from tools.linear_eval import (
@@ -427,3 +428,122 @@ class _Lines:
 
     def flush(self) -> None:
         pass
+
+
+# --- several ranks (torchrun): each rank takes its share of every batch and of the validation images ---
+
+_RANK_DRIVER = '''
+import json, os, sys
+from tools import knn_eval, linear_eval as le
+from swav_fast.distributed import exit_process, init_distributed, shutdown
+
+spec = json.loads(sys.argv[1])
+if spec.pop("test_view"):  # deterministic training views: the same batches give the same classifier
+    le.train_transform = knn_eval.eval_transform
+stop_after = spec.pop("stop_after")
+info = init_distributed("cpu") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+
+
+def on_epoch(entry):
+    if entry["epoch"] == stop_after:  # every rank stops there, after the epoch's checkpoint
+        raise KeyboardInterrupt
+
+
+try:
+    result = le.linear_eval(knn_eval.load_eval_trunk(None, "resnet18")[0], spec.pop("train"), spec.pop("val"),
+                            dist_info=info, on_epoch=on_epoch, **spec)
+except KeyboardInterrupt:
+    result = "stopped"
+if info is None or info.is_main:
+    print("RESULT " + json.dumps(result))
+shutdown()
+exit_process(0)
+'''
+
+
+def _run_ranks(tmp_path: Path, **spec) -> dict | str:
+    """linear_eval on 2 gloo ranks (workers 0, CPU) through _RANK_DRIVER; rank 0's result ("stopped" when stopped
+    by spec's stop_after)."""
+    from conftest import run_torchrun
+
+    driver = tmp_path / "rank_driver.py"
+    driver.write_text(_RANK_DRIVER)
+    spec = {"size": 32, "batch_size": 32, "workers": 0, "test_view": False, "stop_after": None, **spec}
+    spec = {k: str(v) if isinstance(v, Path) else v for k, v in spec.items()}
+    proc = run_torchrun([str(driver), json.dumps(spec)], 300, {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(lines) == 1, proc.stdout  # rank 0 alone reports
+    return json.loads(lines[0][len("RESULT "):])
+
+
+def test_two_ranks_train_the_classifier_of_one_process(tmp_path, digits_dir, val_dir, monkeypatch):
+    # 100 training images on 2 ranks of 16 per batch: the batches of 32 of one process, so (with deterministic
+    # views) the same gradients, averaged over the ranks, and the same classifier up to float rounding
+    import tools.linear_eval as linear_eval_module
+    from tools.knn_eval import eval_transform
+
+    kw = {"size": 32, "epochs": 3, "batch_size": 32, "eval_every": 1}
+    two = _run_ranks(tmp_path, train=digits_dir, val=val_dir, test_view=True, checkpoint=tmp_path / "two.pth", **kw)
+    monkeypatch.setattr(linear_eval_module, "train_transform", eval_transform)
+    one = linear_eval(load_eval_trunk(None, "resnet18")[0], digits_dir, val_dir, checkpoint=tmp_path / "one.pth",
+                      **kw)
+    assert (two["n_train"], two["n_val"], two["n_classes"]) == (one["n_train"], one["n_val"], one["n_classes"])
+    assert len(two["history"]) == len(one["history"]) == 3
+    for a, b in zip(two["history"], one["history"], strict=True):
+        assert a["lr"] == b["lr"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["train_top1"] == pytest.approx(b["train_top1"], abs=1.0)  # one image of 100 (an argmax tie)
+        assert a["val_top1"] == pytest.approx(b["val_top1"], abs=2.0)  # one image of 50, counted over both shares
+    heads = [torch.load(tmp_path / f"{name}.pth", weights_only=True)["head"] for name in ("two", "one")]
+    for key in heads[1]:
+        torch.testing.assert_close(heads[0][key], heads[1][key], rtol=1e-4, atol=2e-5)  # weights ~1e-2
+    assert not torch.equal(heads[1]["weight"], torch.zeros_like(heads[1]["weight"]))
+
+
+def test_two_ranks_resume_to_the_same_classifier(tmp_path, digits_dir, val_dir):
+    # crops and flips drawn on each rank (workers 0): stopped after 1 of 3 epochs and resumed, bit-equal
+    kw = {"train": digits_dir, "val": val_dir, "epochs": 3, "eval_every": 2}
+    whole = _run_ranks(tmp_path, checkpoint=tmp_path / "whole.pth", **kw)
+    ck = tmp_path / "ranks.pth"
+    assert _run_ranks(tmp_path, checkpoint=ck, stop_after=1, **kw) == "stopped"
+    assert len(torch.load(ck, weights_only=True)["history"]) == 1
+    resumed = _run_ranks(tmp_path, checkpoint=ck, **kw)
+    assert resumed.pop("resumed_from_epoch") == 1
+    assert resumed == whole
+    saved = [torch.load(p, weights_only=True) for p in (tmp_path / "whole.pth", ck)]
+    for key in saved[0]["head"]:
+        assert torch.equal(saved[0]["head"][key], saved[1]["head"][key]), key
+    assert saved[1]["identity"]["world_size"] == 2 and len(saved[1]["torch_rng"]) == 2  # each rank's own draws
+    # one process does not continue the ranks' evaluation (its images come in other batches)
+    with pytest.raises(ValueError, match=r"another evaluation \(world_size 2 -> 1\)"):
+        linear_eval(load_eval_trunk(None, "resnet18")[0], digits_dir, val_dir, size=32, batch_size=32, epochs=3,
+                    eval_every=2, checkpoint=ck)
+
+
+def test_ranks_options_checked_before_any_work(monkeypatch, capsys, digits_dir, val_dir):
+    from tools.linear_eval import _parse_args
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    base = ["--random-init", "--arch", "resnet18", "--train", str(digits_dir), "--val", str(val_dir)]
+    for extra, needle in ((["--precompute"], "--precompute runs in one process, not on 4 ranks"),
+                          (["--batch-size", "30"], "--batch-size 30 is the total over the 4 ranks and must be a "
+                                                   "multiple of it: pass for example 28"),
+                          (["--device", "cuda:1"], "--device cuda:1: under torchrun each rank takes the GPU of its "
+                                                   "LOCAL_RANK")):
+        with pytest.raises(SystemExit) as exc:
+            _parse_args(base + extra)
+        assert exc.value.code == 2 and needle in capsys.readouterr().err, extra
+    assert _parse_args(base + ["--batch-size", "32", "--device", "cpu"]).batch_size == 32
+    trunk = load_eval_trunk(None, "resnet18")[0]
+    info = DistInfo(rank=0, world_size=4, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="must be a multiple of it"):  # the function checks it too
+        linear_eval(trunk, digits_dir, val_dir, size=32, batch_size=30, dist_info=info)
+
+
+def test_checkpoint_of_an_older_linear_eval_is_named(tmp_path, digits_dir, val_dir):
+    ck = tmp_path / "old.pth"
+    torch.save({"format": "swav_fast linear_eval/1", "identity": {}, "history": []}, ck)
+    with pytest.raises(ValueError, match=r"written by an older linear_eval, which visited the images in another "
+                                         r"order; delete it to start over"):
+        linear_eval(load_eval_trunk(None, "resnet18")[0], digits_dir, val_dir, size=32, epochs=1, checkpoint=ck)

@@ -23,6 +23,15 @@ images, with the *test* view instead of random crops and flips: a deviation from
 augmentation, so usually a little lower accuracy on large data sets and faster overfitting), useful on CPU
 where running the trunk every epoch is too slow. The default is the faithful path.
 
+On several GPUs, ``torchrun --nproc_per_node=N tools/linear_eval.py ...`` (the official script ran on 8): each
+rank reads and augments its share of every batch (``--batch-size`` stays the total, which N must divide) with its
+own ``--workers``, the classifier's gradients are averaged over the ranks before each step, and each rank computes
+the validation features of its share of the images; rank 0 prints, writes ``--json`` and ``--checkpoint``. The
+images are visited in the order of a DistributedSampler seeded with ``--seed`` and the epoch, in one process too,
+so with a training set that N divides the batches are those of one process (the sampler pads the shares to one
+length otherwise, repeating a few images per epoch, as the official script's sampler does). ``--precompute`` runs
+in one process only.
+
 ``--trunk`` takes a torchvision trunk (train.py's trunk_<arch>.pth, or ``python -m swav_fast.interop export``),
 a swav_fast checkpoint (checkpoints/ckpt_*.pth, its model entry) or an official SwAV checkpoint
 (``swav_800ep_pretrain.pth.tar``);
@@ -35,6 +44,8 @@ Usage::
     python tools/write_ffcv.py /data/imagenet/train /data/imagenet_train.beton
     python tools/linear_eval.py --trunk runs/r50/trunk_resnet50.pth --train /data/imagenet_train.beton \\
         --val /data/imagenet/val
+    torchrun --nproc_per_node=4 tools/linear_eval.py --trunk runs/r50/trunk_resnet50.pth \\
+        --train /data/imagenet_train.beton --val /data/imagenet/val --checkpoint runs/r50/linear.pth
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -59,6 +71,16 @@ if __package__ in (None, ""):  # run as `python tools/linear_eval.py`: make `too
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from swav_fast.checkpoint import save_atomic  # noqa: E402
+from swav_fast.distributed import (  # noqa: E402
+    DeviceError,
+    DistInfo,
+    average_gradients_,
+    gather_objects,
+    init_distributed,
+    run_main,
+    shutdown,
+    world_size_from_env,
+)
 from tools.knn_eval import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -68,7 +90,11 @@ from tools.knn_eval import (  # noqa: E402
     load_eval_trunk,
 )
 
-CHECKPOINT_FORMAT = "swav_fast linear_eval/1"
+CHECKPOINT_FORMAT = "swav_fast linear_eval/2"
+
+
+class SharedError(ValueError):
+    """A mistake every rank finds and raises alike (the ranks agreed on it): said once, by rank 0."""
 DEFAULTS = {"epochs": 100, "lr": 0.3, "final_lr": 0.0, "momentum": 0.9, "wd": 1e-6, "batch_size": 256}
 
 
@@ -99,18 +125,21 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] 
     return [int(hits[:, :k].any(dim=1).sum()) for k in ks]
 
 
-def _evaluate(head: nn.Linear, feats: torch.Tensor, labels: torch.Tensor, device: torch.device,
-              batch_size: int = 4096) -> tuple[float, float]:
+def _evaluate(head: nn.Linear, feats: torch.Tensor, labels: torch.Tensor, device: torch.device, n_total: int,
+              group: dist.ProcessGroup | None = None, batch_size: int = 4096) -> tuple[float, float]:
+    """(top-1, top-5) in percent of ``n_total``: the hits among this rank's ``feats``, summed over the ranks of
+    ``group`` (each holds its own part of the validation set)."""
     head.eval()
-    correct = [0, 0]
+    correct = torch.zeros(2, dtype=torch.long, device=device)
     with torch.no_grad():
         for start in range(0, len(feats), batch_size):
             logits = head(feats[start:start + batch_size].to(device))
-            c1, c5 = topk_correct(logits, labels[start:start + batch_size].to(device))
-            correct[0] += c1
-            correct[1] += c5
+            correct += torch.tensor(topk_correct(logits, labels[start:start + batch_size].to(device)), device=device)
+    if group is not None:
+        dist.all_reduce(correct, group=group)
     head.train()
-    return 100.0 * correct[0] / len(feats), 100.0 * correct[1] / len(feats)
+    c1, c5 = correct.tolist()
+    return 100.0 * c1 / n_total, 100.0 * c5 / n_total
 
 
 def linear_eval(
@@ -133,6 +162,7 @@ def linear_eval(
     console: Console | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     checkpoint: str | Path | None = None,
+    dist_info: DistInfo | None = None,
 ) -> dict:
     """Train a linear classifier on the frozen ``trunk``'s features; returns the figures and per-epoch history.
 
@@ -141,12 +171,23 @@ def linear_eval(
     num_features, history (one dict per epoch: epoch, lr, train_loss, train_top1 and, on evaluated epochs,
     val_top1, val_top5). ``on_epoch`` is called with each history entry.
 
+    The training images are visited in the order of a DistributedSampler seeded with ``seed`` and the epoch
+    (one replica in one process). With ``dist_info`` of several ranks (torchrun), each rank takes its share of
+    every batch of ``batch_size`` images (which the world size must divide) and of the validation images, the
+    classifier's gradients are averaged over the ranks before each step, and the figures are summed over them:
+    with the training images a multiple of the world size, the same batches as one process, so the same
+    classifier up to float rounding (with crops and flips drawn on each rank, other draws of the same
+    distribution). ``precompute`` runs in one process only. Every rank returns the same result.
+
     With ``checkpoint``, the classifier, its optimiser, the history and the random states are written there after
-    every epoch (atomically), and an existing file of the same settings and trunk is continued from: with
-    ``workers=0`` (or ``precompute``) the resumed run gives the same numbers as an uninterrupted one; with worker
-    processes, the augmentations after the resume are other draws of the same distribution. The result then has
-    ``resumed_from_epoch``.
+    every epoch (atomically, by rank 0), and an existing file of the same settings, world size and trunk is
+    continued from: with ``workers=0`` (or ``precompute``) the resumed run gives the same numbers as an
+    uninterrupted one; with worker processes, the augmentations after the resume are other draws of the same
+    distribution. The result then has ``resumed_from_epoch``.
     """
+    world, rank = (dist_info.world_size, dist_info.rank) if dist_info is not None else (1, 0)
+    group = dist_info.group if dist_info is not None else None
+    main_rank = rank == 0
     if epochs < 1 or batch_size < 1 or eval_every < 1 or size < 1:
         raise ValueError("epochs, batch_size, eval_every and size must be at least 1")
     for name, value in (("lr", lr), ("final_lr", final_lr), ("momentum", momentum), ("wd", wd)):
@@ -154,6 +195,12 @@ def linear_eval(
             raise ValueError(f"{name}={value} must be a finite number >= 0")
     if nesterov and momentum == 0:
         raise ValueError("nesterov needs a momentum above 0")
+    if world > 1 and precompute:
+        raise ValueError(f"--precompute runs in one process, not on {world} ranks: drop it (the faithful path "
+                         "shares its work among the ranks), or run without torchrun")
+    if batch_size % world:
+        raise ValueError(f"--batch-size {batch_size} is the total over the {world} ranks and must be a multiple "
+                         f"of it: pass for example {max(world, batch_size // world * world)}")
     n_classes, notes = check_classes(train_dir, val_dir)  # each an ImageFolder root or a write_ffcv .beton
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
@@ -162,24 +209,33 @@ def linear_eval(
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     console = console or Console(stderr=True)
-    for note in notes:
-        console.print(f"note: {note}", highlight=False, soft_wrap=True)
+    if main_rank:
+        for note in notes:
+            console.print(f"note: {note}", highlight=False, soft_wrap=True)
     trunk = trunk.to(device).eval()
 
     val_set = eval_dataset(val_dir, size, "--val")  # the test view (knn_eval.eval_transform)
     train_set = eval_dataset(train_dir, size, "--train")
+    n_train, n_val = len(train_set), len(val_set)
+    if n_val < world:
+        raise ValueError(f"--val {val_dir} has {n_val} images, fewer than the {world} ranks that share them: run on "
+                         "fewer ranks")
     if not precompute:
         train_set.transform = train_transform(size)
+    local_batch = batch_size // world
     pin = device.type == "cuda"
-    generator = torch.Generator().manual_seed(seed)
-    train_loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                               pin_memory=pin, generator=generator,
+    generator = torch.Generator().manual_seed(seed)  # precompute's order; the worker processes' seeds
+    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=local_batch, sampler=sampler,
+                                               num_workers=workers, pin_memory=pin, generator=generator,
                                                persistent_workers=workers > 0 and not precompute)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, num_workers=workers, pin_memory=pin)
+    # this rank's share of the validation images (all of them in one process): no image counted twice
+    val_part = val_set if world == 1 else torch.utils.data.Subset(val_set, range(rank, n_val, world))
+    val_loader = torch.utils.data.DataLoader(val_part, batch_size=local_batch, num_workers=workers, pin_memory=pin)
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     history: list[dict] = []
-    with Progress(*columns, console=console, transient=True) as progress:
+    with Progress(*columns, console=console, transient=True, disable=not main_rank) as progress:
         val_feats, val_labels = compute_features(trunk, val_loader, device, progress, "val features")
         if precompute:
             train_feats, train_labels = compute_features(
@@ -189,19 +245,20 @@ def linear_eval(
         num_features = val_feats.shape[1]
 
         torch.manual_seed(seed)
-        head = nn.Linear(num_features, n_classes).to(device)
+        head = nn.Linear(num_features, n_classes).to(device)  # the same initial classifier on every rank
         nn.init.normal_(head.weight, mean=0.0, std=0.01)
         nn.init.zeros_(head.bias)
         optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=wd, nesterov=nesterov)
         # what a checkpoint must share with this run to be continued by it (eval_every and workers may change)
         identity = {"epochs": epochs, "lr": lr, "final_lr": final_lr, "momentum": momentum, "wd": wd,
                     "batch_size": batch_size, "nesterov": nesterov, "precompute": precompute, "seed": seed,
-                    "size": size, "n_train": len(train_set), "n_val": len(val_set), "n_classes": n_classes,
-                    "num_features": num_features, "trunk_checksum": _trunk_checksum(trunk)}
+                    "size": size, "n_train": n_train, "n_val": n_val, "n_classes": n_classes,
+                    "num_features": num_features, "world_size": world, "trunk_checksum": _trunk_checksum(trunk)}
         start_epoch = 0
-        if checkpoint is not None and checkpoint.is_file():
-            history, start_epoch = _resume(checkpoint, identity, head, optimizer, generator)
-            console.print(f"resumed from {checkpoint}: {start_epoch} of {epochs} epochs done", highlight=False)
+        if checkpoint is not None:
+            history, start_epoch = _resume(checkpoint, identity, head, optimizer, generator, rank, dist_info)
+            if start_epoch and main_rank:
+                console.print(f"resumed from {checkpoint}: {start_epoch} of {epochs} epochs done", highlight=False)
             for entry in history:
                 if on_epoch:
                     on_epoch(entry)
@@ -209,16 +266,17 @@ def linear_eval(
         epoch_task = progress.add_task("linear eval", total=epochs, completed=start_epoch)
         for epoch in range(start_epoch, epochs):
             epoch_lr = cosine_lr(epoch, epochs, lr, final_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = epoch_lr
-            # summed on the device: no host sync per step
-            loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = epoch_lr
+            # summed on the device (no host sync per step), then over the ranks: [loss sum, correct, images]
+            totals = torch.zeros(3, dtype=torch.float64, device=device)
             seen = 0
             if precompute:
                 order = torch.randperm(len(train_feats), generator=generator)
                 batches = ((train_feats[idx], train_labels[idx]) for idx in order.split(batch_size))
                 batch_task = None
             else:
+                sampler.set_epoch(epoch)
                 batches = ((_frozen_features(trunk, x.to(device, non_blocking=True)), y) for x, y in train_loader)
                 batch_task = progress.add_task(f"epoch {epoch + 1}", total=len(train_loader))
             for feats, targets in batches:
@@ -227,23 +285,32 @@ def linear_eval(
                 loss = F.cross_entropy(logits, targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                # the mean over the whole batch: every rank's share is the same size (the sampler pads the
+                # shares to one length), so the average of the ranks' means
+                average_gradients_([p.grad for p in head.parameters()], group)
                 optimizer.step()
-                loss_sum += loss.detach() * len(targets)
-                correct += (logits.detach().argmax(dim=1) == targets).sum()
+                totals[0] += loss.detach().double() * len(targets)
+                totals[1] += (logits.detach().argmax(dim=1) == targets).sum()
                 seen += len(targets)
                 if batch_task is not None:
                     progress.advance(batch_task)
             if batch_task is not None:
                 progress.remove_task(batch_task)
-            entry = {"epoch": epoch + 1, "lr": epoch_lr, "train_loss": loss_sum.item() / seen,
-                     "train_top1": 100.0 * correct.item() / seen}
+            totals[2] = seen
+            if group is not None:
+                dist.all_reduce(totals, group=group)
+            loss_sum, correct, seen = totals.tolist()
+            entry = {"epoch": epoch + 1, "lr": epoch_lr, "train_loss": loss_sum / seen,
+                     "train_top1": 100.0 * correct / seen}
             if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
-                entry["val_top1"], entry["val_top5"] = _evaluate(head, val_feats, val_labels, device)
+                entry["val_top1"], entry["val_top5"] = _evaluate(head, val_feats, val_labels, device, n_val, group)
             history.append(entry)
             if checkpoint is not None:
-                save_atomic({"format": CHECKPOINT_FORMAT, "identity": identity, "head": head.state_dict(),
-                             "optimizer": optimizer.state_dict(), "history": history,
-                             "generator": generator.get_state(), "torch_rng": torch.get_rng_state()}, checkpoint)
+                rng_states = gather_objects(torch.get_rng_state(), dist_info) if dist_info else [torch.get_rng_state()]
+                if main_rank:
+                    save_atomic({"format": CHECKPOINT_FORMAT, "identity": identity, "head": head.state_dict(),
+                                 "optimizer": optimizer.state_dict(), "history": history,
+                                 "generator": generator.get_state(), "torch_rng": rng_states}, checkpoint)
             if on_epoch:
                 on_epoch(entry)
             progress.advance(epoch_task)
@@ -254,8 +321,8 @@ def linear_eval(
         "top5": history[-1]["val_top5"],
         "best_top1": max(h["val_top1"] for h in evaluated),
         "top5_k": min(5, n_classes),
-        "n_train": len(train_set),
-        "n_val": len(val_set),
+        "n_train": n_train,
+        "n_val": n_val,
         "n_classes": n_classes,
         "num_features": num_features,
         "history": history,
@@ -269,28 +336,56 @@ def _trunk_checksum(trunk: nn.Module) -> float:
 
 
 def _resume(path: Path, identity: dict, head: nn.Module, optimizer: torch.optim.Optimizer,
-            generator: torch.Generator) -> tuple[list[dict], int]:
-    """Load a linear-eval checkpoint into the head, the optimiser and the random states; (history, epochs done).
-    ValueError naming the file when it is not one, or was written by another evaluation."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which and why
-        raise ValueError(f"--checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it to start over, "
-                         "or pass another --checkpoint") from None
+            generator: torch.Generator, rank: int = 0, dist_info: DistInfo | None = None) -> tuple[list[dict], int]:
+    """Continue from the linear-eval checkpoint ``path`` when it exists: the head, the optimiser and the random
+    states loaded; (history, epochs done), or ([], 0) without a file. ValueError naming the file when it is not
+    one, was written by another evaluation, or (several ranks) the ranks do not see the same file; every rank
+    raises it."""
+    state, problem = None, None
+    if path.is_file():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which and why
+            problem = (f"--checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it to start over, "
+                       "or pass another --checkpoint")
+        else:
+            problem = _foreign_checkpoint(path, state, identity)
+    done = len(state["history"]) if state is not None and problem is None else 0
+    if dist_info is not None and dist_info.world_size > 1:
+        views = gather_objects((problem, done), dist_info)
+        problems = [f"{p} (rank {r})" for r, (p, _) in enumerate(views) if p]
+        if problems:
+            raise SharedError(problems[0])
+        if len({d for _, d in views}) > 1:
+            raise SharedError(f"--checkpoint {path}: the ranks see different files (epochs done on each rank: "
+                             f"{[d for _, d in views]}); put it where every rank reads the same file, or pass "
+                             "another --checkpoint")
+    elif problem:
+        raise ValueError(problem)
+    if not done:
+        return [], 0
+    head.load_state_dict(state["head"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"][rank])
+    return state["history"], done
+
+
+def _foreign_checkpoint(path: Path, state, identity: dict) -> str | None:
+    """Why the loaded ``state`` cannot be continued by the evaluation of ``identity``; None when it can."""
+    if isinstance(state, dict) and state.get("format") == "swav_fast linear_eval/1":
+        return (f"--checkpoint {path} was written by an older linear_eval, which visited the images in another "
+                "order; delete it to start over, or pass another --checkpoint")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"--checkpoint {path} is not a linear_eval checkpoint; pass another --checkpoint")
+        return f"--checkpoint {path} is not a linear_eval checkpoint; pass another --checkpoint"
     saved = state["identity"]
     # the trunk's checksum to the last bits of another CPU's summation order
     changed = [f"{k} {saved.get(k)} -> {v}" for k, v in identity.items() if saved.get(k) != v and not (
         k == "trunk_checksum" and isinstance(saved.get(k), float) and math.isclose(saved[k], v, rel_tol=1e-9))]
     if changed:
-        raise ValueError(f"--checkpoint {path} was written by another evaluation ({', '.join(changed)}); run with "
-                         "its settings and trunk to continue it, or pass another --checkpoint to start over")
-    head.load_state_dict(state["head"])
-    optimizer.load_state_dict(state["optimizer"])
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    return state["history"], len(state["history"])
+        return (f"--checkpoint {path} was written by another evaluation ({', '.join(changed)}); run with its "
+                "settings, world size and trunk to continue it, or pass another --checkpoint to start over")
+    return None
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -346,43 +441,72 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--workers {args.workers}: must be 0 or more")
     if args.random_init and not args.arch:
         parser.error("--random-init needs --arch")
+    world = world_size_from_env()
+    if world > 1:  # under torchrun
+        if args.precompute:
+            parser.error(f"--precompute runs in one process, not on {world} ranks: drop it (the faithful path shares "
+                         "its work among the ranks), or run without torchrun")
+        if args.batch_size % world:
+            parser.error(f"--batch-size {args.batch_size} is the total over the {world} ranks and must be a "
+                         f"multiple of it: pass for example {max(world, args.batch_size // world * world)}")
+        if args.device not in (None, "cuda", "cpu"):
+            parser.error(f"--device {args.device}: under torchrun each rank takes the GPU of its LOCAL_RANK; pass "
+                         "--device cuda or cpu, or leave it out")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     console = Console(stderr=True)
+    dist_info = None
     try:
         check_classes(args.train, args.val)  # bad data fails before the trunk is loaded
         trunk, arch, kind = load_eval_trunk(None if args.random_init else args.trunk, args.arch, args.trust_pickle)
+        if world_size_from_env() > 1:  # torchrun: one rank per GPU (or CPU process), its device from LOCAL_RANK
+            dist_info = init_distributed(args.device or "auto")
+            device = dist_info.device
+        else:
+            device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        main_rank = dist_info is None or dist_info.is_main
         mode = "precomputed test-view features (deviation)" if args.precompute else "faithful (augmented views)"
-        print(f"linear eval: {arch} trunk ({kind}) from {args.trunk or 'random init'}, {args.epochs} epochs, "
-                  f"{mode}, lr {args.lr} cosine per epoch, batch {args.batch_size}, device {device}")
+        ranks = f" on {dist_info.world_size} ranks" if dist_info else ""
+        if main_rank:
+            print(f"linear eval: {arch} trunk ({kind}) from {args.trunk or 'random init'}, {args.epochs} epochs, "
+                  f"{mode}, lr {args.lr} cosine per epoch, batch {args.batch_size}, device {device}{ranks}")
 
         def report(entry: dict) -> None:
             line = (f"epoch {entry['epoch']:>3}/{args.epochs}  lr {entry['lr']:.4f}  loss {entry['train_loss']:.4f}"
                     f"  train top-1 {entry['train_top1']:6.2f}%")
             if "val_top1" in entry:
                 line += f"  val top-1 {entry['val_top1']:6.2f}%  top-5 {entry['val_top5']:6.2f}%"
-            print(line)
+            print(line, flush=True)
 
         start = time.perf_counter()
         result = linear_eval(trunk, args.train, args.val, args.size, args.epochs, args.lr, args.final_lr,
                              args.momentum, args.wd, args.batch_size, args.nesterov, args.precompute,
-                             args.eval_every, args.workers, device, args.seed, console, report, args.checkpoint)
+                             args.eval_every, args.workers, device, args.seed, console,
+                             report if main_rank else None, args.checkpoint, dist_info)
         elapsed = time.perf_counter() - start
-    except (OSError, ValueError) as exc:  # a file not found, a full disk under --checkpoint, a data mistake
-        print(f"linear_eval: error: {exc}", file=sys.stderr)
+    except (OSError, ValueError, DeviceError) as exc:  # a missing file, a full disk, a data or device mistake
+        rank = int(os.environ.get("RANK", "0"))  # also before the process group is joined
+        if rank == 0:
+            print(f"linear_eval: error: {exc}", file=sys.stderr)
+        elif not isinstance(exc, SharedError):  # perhaps this rank's alone (its node's files): said, with its rank
+            print(f"linear_eval: error (rank {rank}): {exc}", file=sys.stderr)
         return 2  # a usage or data mistake, as train.py's config errors and argparse's
+    finally:
+        if dist_info is not None:
+            shutdown()
 
+    if not main_rank:
+        return 0
     print(f"linear eval top-1 {result['top1']:.2f}%  top-{result['top5_k']} {result['top5']:.2f}%  "
-              f"(best epoch top-1 {result['best_top1']:.2f}%; {result['n_train']} train / {result['n_val']} val "
-              f"images, {result['n_classes']} classes, {elapsed:.0f} s)")
+          f"(best epoch top-1 {result['best_top1']:.2f}%; {result['n_train']} train / {result['n_val']} val "
+          f"images, {result['n_classes']} classes, {elapsed:.0f} s)")
     if args.json:
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         settings.update(arch=arch, trunk_kind=kind, device=str(device), lr_schedule="cosine, stepped per epoch",
-                        elapsed_s=round(elapsed, 2))
+                        world_size=dist_info.world_size if dist_info else 1, elapsed_s=round(elapsed, 2))
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"settings": settings, **result}, indent=2) + "\n")
         print(f"wrote {args.json}")
@@ -390,4 +514,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)
