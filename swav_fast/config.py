@@ -246,6 +246,9 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
         v = getattr(cfg, name)
         if not (math.isfinite(v) and v >= 0):
             raise bad(name, "must be a finite number >= 0")
+    if cfg.final_lr > cfg.base_lr:
+        raise bad("final_lr", f"is above --base_lr {cfg.base_lr}: the cosine would raise the learning rate over the "
+                  "run; were the two swapped? (the official recipes end at base_lr / 1000)")
     if cfg.blur_prob > 1:
         raise bad("blur_prob", "is a probability: 0..1")
     if cfg.queue_length > 0:

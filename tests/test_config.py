@@ -163,6 +163,8 @@ def test_unknown_preset_names_closest():
     (["--batch_size", "0"], 1, "batch_size"),
     (["--base_lr=-0.1"], 1, "base_lr"),
     (["--base_lr", "nan"], 1, "base_lr"),
+    (["--base_lr", "0.0006", "--final_lr", "0.6"], 1, "final_lr"),  # swapped: the cosine would climb
+    (["--preset", "bs256_200ep", "--base_lr", "0.0005"], 1, "final_lr"),  # under the preset's final_lr 0.0006
     (["--wd", "inf"], 1, "wd"),
     (["--blur_prob", "1.5"], 1, "blur_prob"),
     (["--warmup_epochs", "11", "--epochs", "10"], 1, "warmup_epochs"),
@@ -175,6 +177,11 @@ def test_unknown_preset_names_closest():
 def test_impossible_values_fail_naming_the_option(argv, world, option):
     with pytest.raises(ConfigError, match=re.escape(f"--{option}")):
         parse_config(argv, world)
+
+
+def test_constant_learning_rate_is_allowed():
+    cfg = parse_config(["--base_lr", "0.1", "--final_lr", "0.1"])
+    assert cfg.base_lr == cfg.final_lr == 0.1
 
 
 def test_queue_equal_to_global_batch_is_allowed():

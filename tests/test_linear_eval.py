@@ -212,6 +212,8 @@ def test_bad_inputs_are_clear_errors(tmp_path, digits_dir, val_dir, capsys):
     (["--lr", "0"], "--lr 0.0: must be a finite number > 0"),
     (["--lr", "nan"], "--lr nan: must be a finite number > 0"),
     (["--final-lr", "-0.1"], "--final-lr -0.1: must be a finite number >= 0"),
+    (["--lr", "0.01", "--final-lr", "0.3"], "--final-lr 0.3 is above --lr 0.01: the cosine would raise the learning "
+                                           "rate; were the two swapped?"),
     (["--momentum", "-0.9"], "--momentum -0.9: must be a finite number >= 0"),
     (["--wd", "inf"], "--wd inf: must be a finite number >= 0"),
     (["--nesterov", "--momentum", "0"], "--nesterov needs --momentum above 0"),
@@ -238,7 +240,8 @@ def test_bad_numbers_fail_before_any_work(tmp_path, monkeypatch, capsys, options
 
 def test_linear_eval_checks_its_numbers_before_reading_data(tmp_path):
     trunk = load_eval_trunk(None, "resnet18")[0]
-    for kwargs, needle in (({"lr": -1.0}, "lr=-1.0"), ({"wd": float("nan")}, "wd=nan"),
+    for kwargs, needle in (({"lr": -1.0}, "lr=-1.0"), ({"lr": 0.0}, "lr=0.0 must be a finite number > 0"),
+                           ({"wd": float("nan")}, "wd=nan"), ({"lr": 0.1, "final_lr": 0.2}, "final_lr=0.2 is above"),
                            ({"momentum": 0.0, "nesterov": True}, "nesterov")):
         with pytest.raises(ValueError, match=needle):  # not torch's, after the features: the data does not exist
             linear_eval(trunk, tmp_path / "missing", tmp_path / "missing", **kwargs)

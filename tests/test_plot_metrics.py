@@ -139,3 +139,18 @@ def test_cli(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"plot_metrics: error: cannot make the output folder {blocker}" in err and "Traceback" not in err
     assert blocker.read_bytes() == b"mine"
+
+
+def test_a_plot_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
+    # a full disk (or a folder this user cannot write) while saving: exit 2 and the error, no traceback
+    from matplotlib.figure import Figure
+
+    def full_disk(self, path, *args, **kwargs):
+        raise OSError(28, "No space left on device", str(path))
+
+    run = make_run(tmp_path, synthetic_lines())
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    assert main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "plot_metrics: error: [Errno 28] No space left on device" in err and "loss.png" in err
+    assert "Traceback" not in err

@@ -190,9 +190,13 @@ def linear_eval(
     main_rank = rank == 0
     if epochs < 1 or batch_size < 1 or eval_every < 1 or size < 1:
         raise ValueError("epochs, batch_size, eval_every and size must be at least 1")
-    for name, value in (("lr", lr), ("final_lr", final_lr), ("momentum", momentum), ("wd", wd)):
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr={lr} must be a finite number > 0")
+    for name, value in (("final_lr", final_lr), ("momentum", momentum), ("wd", wd)):
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{name}={value} must be a finite number >= 0")
+    if final_lr > lr:
+        raise ValueError(f"final_lr={final_lr} is above lr={lr}: the cosine would raise the learning rate")
     if nesterov and momentum == 0:
         raise ValueError("nesterov needs a momentum above 0")
     if world > 1 and precompute:
@@ -435,6 +439,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in ("final_lr", "momentum", "wd"):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a finite number >= 0")
+    if args.final_lr > args.lr:
+        parser.error(f"--final-lr {args.final_lr} is above --lr {args.lr}: the cosine would raise the learning rate; "
+                     "were the two swapped?")
     if args.nesterov and args.momentum == 0:
         parser.error("--nesterov needs --momentum above 0")
     if args.workers < 0:

@@ -209,8 +209,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file of that name, permissions
-        raise NotADirectoryError(f"cannot make the output folder {out_dir} ({type(e).__name__}: {e}); pass another "
-                                 "--out") from None
+        raise OSError(f"cannot make the output folder {out_dir} ({type(e).__name__}: {e}); pass another --out"
+                      ) from None
     name = run_dir.resolve().name
     written = [_plot_loss(run, config, out_dir / "loss.png", name)]
     written.append(_plot_step_series(run, "lr", "learning rate", f"{name}: learning rate", out_dir / "lr.png"))
@@ -230,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.simplefilter("always")
         try:
             paths = plot_run(args.run_dir, args.out)
-        except (FileNotFoundError, NotADirectoryError, ValueError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError) as exc:  # a missing run, an unwritable --out, a full disk
             print(f"plot_metrics: error: {exc}", file=sys.stderr)
             return 2  # a usage mistake, as argparse's
         finally:
