@@ -550,3 +550,20 @@ def test_checkpoint_of_an_older_linear_eval_is_named(tmp_path, digits_dir, val_d
     with pytest.raises(ValueError, match=r"written by an older linear_eval, which visited the images in another "
                                          r"order; delete it to start over"):
         linear_eval(load_eval_trunk(None, "resnet18")[0], digits_dir, val_dir, size=32, epochs=1, checkpoint=ck)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by tools/gpu_suite.sh)")
+def test_linear_eval_on_cuda_matches_cpu(digits_dir, val_dir, monkeypatch):
+    # pinned batches, the device-side sums and the device-side top-k counts on a GPU give the CPU's figures
+    import tools.linear_eval as linear_eval_module
+    from tools.knn_eval import eval_transform
+
+    monkeypatch.setattr(linear_eval_module, "train_transform", eval_transform)  # deterministic training views
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 convolutions, as on the CPU
+    kw = {"size": 32, "epochs": 2, "batch_size": 32, "lr": 0.01, "workers": 2}
+    cpu = linear_eval(load_eval_trunk(None, "resnet18")[0], digits_dir, val_dir, device="cpu", **kw)
+    gpu = linear_eval(load_eval_trunk(None, "resnet18")[0], digits_dir, val_dir, device="cuda", **kw)
+    for a, b in zip(gpu["history"], cpu["history"], strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+        assert a["val_top1"] == pytest.approx(b["val_top1"], abs=2.0)  # one image of 50
+        assert a["val_top5"] == pytest.approx(b["val_top5"], abs=2.0)
