@@ -90,6 +90,51 @@ def test_knn_uses_cosine_not_dot_product():
     assert knn_predict(scaled, CLUSTER_LABELS, unit(5, 80, 170), k=3).tolist() == [0, 1, 2]
 
 
+def test_knn_bank_copied_to_its_device_is_normalised_there_alone():
+    # a bank converted on its way (another dtype here, another device on a GPU) is normalised in place in the
+    # copy: the same votes as the caller's fp32 bank, and the caller's tensors are left as they were
+    gen = torch.Generator().manual_seed(1)
+    bank, query = 3.0 * torch.randn(300, 16, generator=gen), torch.randn(40, 16, generator=gen)
+    labels = torch.randint(0, 6, (300,), generator=gen)
+    wide = bank.double()
+    before = (bank.clone(), wide.clone())
+    expected = knn_predict(bank, labels, query, k=9)
+    assert knn_predict(wide, labels, query, k=9, device="cpu").tolist() == expected.tolist()
+    assert knn_predict(bank, labels, query, k=9, device="cpu").tolist() == expected.tolist()
+    assert torch.equal(bank, before[0]) and torch.equal(wide, before[1])
+
+
+def test_knn_bank_too_large_for_the_gpu_runs_on_the_cpu(monkeypatch, capsys):
+    real = knn_eval.knn_predict
+    devices = []
+
+    def gpu_full(*args, device=None, **kwargs):
+        devices.append(str(device))
+        if str(device) != "cpu":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 10.50 GiB")
+        return real(*args, device=device, **kwargs)
+
+    monkeypatch.setattr(knn_eval, "knn_predict", gpu_full)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    preds = knn_eval.bank_knn(CLUSTER_FEATS, CLUSTER_LABELS, unit(5, 80, 170), 3, 0.07, 3, "cuda")
+    assert preds.tolist() == [0, 1, 2] and devices == ["cuda", "cpu"]
+    err = capsys.readouterr().err
+    assert "knn_eval: note: the bank of 9 features (0.0 GiB in fp32) does not fit in cuda's memory; the kNN runs on "\
+           "the CPU" in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by tools/gpu_suite.sh)")
+def test_knn_on_cuda_matches_cpu():
+    gen = torch.Generator().manual_seed(2)
+    bank, query = torch.randn(5000, 64, generator=gen), torch.randn(700, 64, generator=gen)
+    labels = torch.randint(0, 10, (5000,), generator=gen)
+    on_gpu = knn_predict(bank, labels, query, k=20, device="cuda", chunk=256)
+    assert on_gpu.device.type == "cpu"
+    # a near-tie in the similarities may rank neighbours differently in another summation order: at most 1%
+    assert (on_gpu == knn_predict(bank, labels, query, k=20)).float().mean() >= 0.99
+    assert knn_predict(bank.cuda(), labels, query, k=20).tolist() == on_gpu.tolist()  # a bank already there
+
+
 def test_knn_rejects_empty_bank():
     with pytest.raises(ValueError, match="empty"):
         knn_predict(torch.empty(0, 2), torch.empty(0, dtype=torch.long), unit(0))

@@ -153,7 +153,7 @@ for s in "${stages[@]}"; do
     tests)
         run_stage tests tests.txt "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_sinkhorn_triton.py \
             tests/test_gpu_augment.py tests/test_step_graph.py tests/test_long_runs.py tests/test_syncbn.py \
-            tests/test_linear_eval.py \
+            tests/test_linear_eval.py tests/test_knn_eval.py \
             -k "cuda or gpu or GPU" ;;
     step)
         run_stage step profile_step.txt "$PY" tools/profile_step.py --device cuda --json "$DIR/profile_step.json" ;;
