@@ -91,11 +91,11 @@ from tools.knn_eval import (  # noqa: E402
 )
 
 CHECKPOINT_FORMAT = "swav_fast linear_eval/2"
+DEFAULTS = {"epochs": 100, "lr": 0.3, "final_lr": 0.0, "momentum": 0.9, "wd": 1e-6, "batch_size": 256}
 
 
 class SharedError(ValueError):
     """A mistake every rank finds and raises alike (the ranks agreed on it): said once, by rank 0."""
-DEFAULTS = {"epochs": 100, "lr": 0.3, "final_lr": 0.0, "momentum": 0.9, "wd": 1e-6, "batch_size": 256}
 
 
 def cosine_lr(epoch: int, epochs: int, base_lr: float = 0.3, final_lr: float = 0.0) -> float:
@@ -222,8 +222,8 @@ def linear_eval(
     train_set = eval_dataset(train_dir, size, "--train")
     n_train, n_val = len(train_set), len(val_set)
     if n_val < world:
-        raise ValueError(f"--val {val_dir} has {n_val} images, fewer than the {world} ranks that share them: run on "
-                         "fewer ranks")
+        raise SharedError(f"--val {val_dir} has {n_val} images, fewer than the {world} ranks that share them: run on "
+                          "fewer ranks")
     if not precompute:
         train_set.transform = train_transform(size)
     local_batch = batch_size // world
