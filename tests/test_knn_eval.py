@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import shutil
@@ -104,23 +105,43 @@ def test_knn_bank_copied_to_its_device_is_normalised_there_alone():
     assert torch.equal(bank, before[0]) and torch.equal(wide, before[1])
 
 
-def test_knn_bank_too_large_for_the_gpu_runs_on_the_cpu(monkeypatch, capsys):
-    real = knn_eval.knn_predict
-    devices = []
+def _gpu_that_fits(monkeypatch, largest_chunk: int) -> list[tuple[str, int]]:
+    """knn_predict as on a GPU whose memory holds the similarities of at most ``largest_chunk`` queries (none: 0),
+    run on the CPU; returns the (device, chunk) of each call."""
+    real, calls = knn_predict, []  # the module's own, not a stand-in set before
 
-    def gpu_full(*args, device=None, **kwargs):
-        devices.append(str(device))
-        if str(device) != "cpu":
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 10.50 GiB")
-        return real(*args, device=device, **kwargs)
+    def fake(*args, **kwargs):
+        bound = inspect.signature(real).bind(*args, **kwargs)
+        bound.apply_defaults()
+        device, chunk = str(bound.arguments["device"]), bound.arguments["chunk"]
+        calls.append((device, chunk))
+        if device != "cpu" and chunk > largest_chunk:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 5.20 GiB")
+        bound.arguments["device"] = "cpu"
+        return real(*bound.args, **bound.kwargs)
 
-    monkeypatch.setattr(knn_eval, "knn_predict", gpu_full)
+    monkeypatch.setattr(knn_eval, "knn_predict", fake)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    preds = knn_eval.bank_knn(CLUSTER_FEATS, CLUSTER_LABELS, unit(5, 80, 170), 3, 0.07, 3, "cuda")
-    assert preds.tolist() == [0, 1, 2] and devices == ["cuda", "cpu"]
+    return calls
+
+
+def test_knn_out_of_gpu_memory_takes_smaller_blocks_then_the_cpu(monkeypatch, capsys):
+    queries = unit(5, 80, 170)
+    calls = _gpu_that_fits(monkeypatch, 256)
+    assert knn_eval.bank_knn(CLUSTER_FEATS, CLUSTER_LABELS, queries, 3, 0.07, 3, "cuda").tolist() == [0, 1, 2]
+    assert calls == [("cuda", 1024), ("cuda", 256)] and capsys.readouterr().err == ""
+
+    calls = _gpu_that_fits(monkeypatch, 0)
+    assert knn_eval.bank_knn(CLUSTER_FEATS, CLUSTER_LABELS, queries, 3, 0.07, 3, "cuda").tolist() == [0, 1, 2]
+    assert calls == [("cuda", 1024), ("cuda", 256), ("cuda", 64), ("cpu", 1024)]
     err = capsys.readouterr().err
-    assert "knn_eval: note: the bank of 9 features (0.0 GiB in fp32) does not fit in cuda's memory; the kNN runs on "\
-           "the CPU" in err
+    assert "knn_eval: note: the kNN does not fit in cuda's memory (the bank of 9 features is 0.0 GiB in fp32" in err
+    assert "it runs on the CPU" in err
+
+    calls = _gpu_that_fits(monkeypatch, 0)
+    knn_eval.bank_knn(CLUSTER_FEATS, CLUSTER_LABELS, queries, 3, 0.07, 3, "cpu")
+    assert calls == [("cpu", 1024)]  # on the CPU from the start: one pass, no note
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by tools/gpu_suite.sh)")

@@ -445,6 +445,9 @@ if spec.pop("test_view"):  # deterministic training views: the same batches give
     le.train_transform = knn_eval.eval_transform
 stop_after = spec.pop("stop_after")
 info = init_distributed("cpu") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+elsewhere = spec.pop("checkpoint_of_rank_1", None)
+if elsewhere and info.rank == 1:  # a node of its own, which does not see rank 0's file
+    spec["checkpoint"] = elsewhere
 
 
 def on_epoch(entry):
@@ -511,17 +514,38 @@ def test_two_ranks_resume_to_the_same_classifier(tmp_path, digits_dir, val_dir):
     ck = tmp_path / "ranks.pth"
     assert _run_ranks(tmp_path, checkpoint=ck, stop_after=1, **kw) == "stopped"
     assert len(torch.load(ck, weights_only=True)["history"]) == 1
-    resumed = _run_ranks(tmp_path, checkpoint=ck, **kw)
+    # rank 0 alone reads the file (it alone writes it): here rank 1 is given a path where there is none
+    resumed = _run_ranks(tmp_path, checkpoint=ck, checkpoint_of_rank_1=tmp_path / "node1" / "none.pth", **kw)
     assert resumed.pop("resumed_from_epoch") == 1
     assert resumed == whole
     saved = [torch.load(p, weights_only=True) for p in (tmp_path / "whole.pth", ck)]
     for key in saved[0]["head"]:
         assert torch.equal(saved[0]["head"][key], saved[1]["head"][key]), key
-    assert saved[1]["identity"]["world_size"] == 2 and len(saved[1]["torch_rng"]) == 2  # each rank's own draws
+    assert saved[1]["identity"]["world_size"] == 2 and len(saved[1]["torch_rng"]) == 2
+    assert not torch.equal(*saved[1]["torch_rng"])  # each rank draws its own crops and flips
+    assert not torch.equal(*saved[1]["generator"])
     # one process does not continue the ranks' evaluation (its images come in other batches)
     with pytest.raises(ValueError, match=r"another evaluation \(world_size 2 -> 1\)"):
         linear_eval(load_eval_trunk(None, "resnet18")[0], digits_dir, val_dir, size=32, batch_size=32, epochs=3,
                     eval_every=2, checkpoint=ck)
+
+
+def test_cli_on_two_ranks(tmp_path, digits_dir, val_dir):
+    # the command itself under torchrun: rank 0 alone prints and writes; the same command continues the file
+    from conftest import run_torchrun
+
+    cmd = ["tools/linear_eval.py", "--random-init", "--arch", "resnet18", "--train", str(digits_dir), "--val",
+           str(val_dir), "--size", "32", "--epochs", "2", "--batch-size", "32", "--workers", "1", "--lr", "0.01",
+           "--checkpoint", str(tmp_path / "linear.pth"), "--json", str(tmp_path / "linear.json")]
+    runs = [run_torchrun(cmd, 300) for _ in range(2)]
+    for proc in runs:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert proc.stdout.count("linear eval top-1 ") == 1 and proc.stdout.count("epoch   2/2") == 1, proc.stdout
+        assert "device cpu on 2 ranks" in proc.stdout
+    assert runs[1].stderr.count("resumed from ") == 1 and "2 of 2 epochs done" in runs[1].stderr
+    saved = json.loads((tmp_path / "linear.json").read_text())
+    assert saved["settings"]["world_size"] == 2 and saved["n_train"] == 100 and len(saved["history"]) == 2
+    assert saved["resumed_from_epoch"] == 2
 
 
 def test_ranks_options_checked_before_any_work(monkeypatch, capsys, digits_dir, val_dir):
@@ -567,3 +591,19 @@ def test_linear_eval_on_cuda_matches_cpu(digits_dir, val_dir, monkeypatch):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
         assert a["val_top1"] == pytest.approx(b["val_top1"], abs=2.0)  # one image of 50
         assert a["val_top5"] == pytest.approx(b["val_top5"], abs=2.0)
+
+
+def test_ctrl_c_is_one_line_naming_the_checkpoint(tmp_path, monkeypatch, capsys, digits_dir, val_dir):
+    import tools.linear_eval as linear_eval_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(linear_eval_module, "linear_eval", interrupted)
+    base = ["--random-init", "--arch", "resnet18", "--train", str(digits_dir), "--val", str(val_dir)]
+    ck = tmp_path / "linear.pth"
+    assert main(base + ["--checkpoint", str(ck)]) == 130
+    err = capsys.readouterr().err
+    assert err == f"linear_eval: interrupted; {ck} holds the epochs done; the same command continues from it\n"
+    assert main(base) == 130
+    assert "pass --checkpoint FILE to make a long evaluation resumable" in capsys.readouterr().err

@@ -298,9 +298,9 @@ def knn_predict(
 
     Rows are L2-normalised here as well, so the similarity is the cosine whatever the caller passes.
     ``k`` is clipped to the bank size. Ties in the vote go to the lowest class index. On a GPU the bank is held
-    there in fp32 (ImageNet's 1.28 M ResNet-50 features: 10.5 GB): 50,000 queries are 2.6e14 flops, seconds at
-    a GPU's fp32 rate, minutes on a CPU (an estimate: not yet timed on a GPU); torch.cuda.OutOfMemoryError when
-    the bank does not fit.
+    there in fp32 (ImageNet's 1.28 M ResNet-50 features: 10.5 GB), with the similarities of ``chunk`` queries to it
+    at a time (1024: another 5.2 GB for ImageNet): 50,000 queries are 2.6e14 flops, seconds at a GPU's fp32 rate,
+    minutes on a CPU (an estimate: not yet timed on a GPU); torch.cuda.OutOfMemoryError when that does not fit.
     """
     if len(train_feats) == 0:
         raise ValueError("knn_predict: the training bank is empty")
@@ -335,15 +335,20 @@ def knn_predict(
 
 def bank_knn(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, k: int,
              temperature: float, n_classes: int, device: str | torch.device) -> torch.Tensor:
-    """knn_predict on ``device``; on the CPU, with a note, when the bank does not fit in the GPU's memory."""
-    try:
-        return knn_predict(train_feats, train_labels, test_feats, k, temperature, n_classes, device=device)
-    except torch.cuda.OutOfMemoryError:
+    """knn_predict on ``device``. Out of GPU memory, it tries smaller blocks of queries, then the CPU, with a note."""
+    if torch.device(device).type == "cuda":
+        for chunk in (1024, 256, 64):
+            try:
+                return knn_predict(train_feats, train_labels, test_feats, k, temperature, n_classes, chunk, device)
+            except torch.cuda.OutOfMemoryError:
+                pass  # leaving the except block frees the traceback, and with it the bank on the GPU
+            torch.cuda.empty_cache()
         gib = train_feats.numel() * 4 / 2**30
-        print(f"knn_eval: note: the bank of {len(train_feats)} features ({gib:.1f} GiB in fp32) does not fit in "
-              f"{device}'s memory; the kNN runs on the CPU (minutes for ImageNet)", file=sys.stderr)
-        torch.cuda.empty_cache()
-        return knn_predict(train_feats, train_labels, test_feats, k, temperature, n_classes, device="cpu")
+        print(f"knn_eval: note: the kNN does not fit in {device}'s memory (the bank of {len(train_feats)} features is "
+              f"{gib:.1f} GiB in fp32, plus 64 queries' similarities to it); it runs on the CPU (minutes for ImageNet)",
+              file=sys.stderr)
+        device = "cpu"
+    return knn_predict(train_feats, train_labels, test_feats, k, temperature, n_classes, device=device)
 
 
 def few_label_bank(labels: torch.Tensor | np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:

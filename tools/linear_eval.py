@@ -181,9 +181,10 @@ def linear_eval(
 
     With ``checkpoint``, the classifier, its optimiser, the history and the random states are written there after
     every epoch (atomically, by rank 0), and an existing file of the same settings, world size and trunk is
-    continued from: with ``workers=0`` (or ``precompute``) the resumed run gives the same numbers as an
-    uninterrupted one; with worker processes, the augmentations after the resume are other draws of the same
-    distribution. The result then has ``resumed_from_epoch``.
+    continued from (rank 0 reads it and sends it to the other ranks, so it may lie on rank 0's node alone): with
+    ``workers=0`` (or ``precompute``) the resumed run gives the same numbers as an uninterrupted one; with worker
+    processes, the augmentations after the resume are other draws of the same distribution. The result then has
+    ``resumed_from_epoch``.
     """
     world, rank = (dist_info.world_size, dist_info.rank) if dist_info is not None else (1, 0)
     group = dist_info.group if dist_info is not None else None
@@ -228,7 +229,8 @@ def linear_eval(
         train_set.transform = train_transform(size)
     local_batch = batch_size // world
     pin = device.type == "cuda"
-    generator = torch.Generator().manual_seed(seed)  # precompute's order; the worker processes' seeds
+    # precompute's order; the worker processes' seeds (each rank its own, rank 0's those of one process)
+    generator = torch.Generator().manual_seed(seed + rank)
     sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=local_batch, sampler=sampler,
                                                num_workers=workers, pin_memory=pin, generator=generator,
@@ -249,9 +251,14 @@ def linear_eval(
         num_features = val_feats.shape[1]
 
         torch.manual_seed(seed)
-        head = nn.Linear(num_features, n_classes).to(device)  # the same initial classifier on every rank
+        # drawn on the CPU: the same initial classifier on every rank, whichever GPU it has (a CUDA generator's
+        # numbers land on other elements on a GPU with another number of SMs)
+        head = nn.Linear(num_features, n_classes)
         nn.init.normal_(head.weight, mean=0.0, std=0.01)
         nn.init.zeros_(head.bias)
+        head = head.to(device)
+        if rank:  # crops and flips drawn in this process (workers 0): each rank its own
+            torch.manual_seed(seed + rank)
         optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=wd, nesterov=nesterov)
         # what a checkpoint must share with this run to be continued by it (eval_every and workers may change)
         identity = {"epochs": epochs, "lr": lr, "final_lr": final_lr, "momentum": momentum, "wd": wd,
@@ -262,7 +269,8 @@ def linear_eval(
         if checkpoint is not None:
             history, start_epoch = _resume(checkpoint, identity, head, optimizer, generator, rank, dist_info)
             if start_epoch and main_rank:
-                console.print(f"resumed from {checkpoint}: {start_epoch} of {epochs} epochs done", highlight=False)
+                console.print(f"resumed from {checkpoint}: {start_epoch} of {epochs} epochs done", highlight=False,
+                              soft_wrap=True)
             for entry in history:
                 if on_epoch:
                     on_epoch(entry)
@@ -284,7 +292,8 @@ def linear_eval(
                 batches = ((_frozen_features(trunk, x.to(device, non_blocking=True)), y) for x, y in train_loader)
                 batch_task = progress.add_task(f"epoch {epoch + 1}", total=len(train_loader))
             for feats, targets in batches:
-                feats, targets = feats.to(device).float().flatten(1), targets.to(device)
+                # non_blocking: a pinned copy queued behind the trunk, not a wait for it (no host sync per step)
+                feats, targets = feats.to(device).float().flatten(1), targets.to(device, non_blocking=True)
                 logits = head(feats.detach())
                 loss = F.cross_entropy(logits, targets)
                 optimizer.zero_grad(set_to_none=True)
@@ -310,11 +319,13 @@ def linear_eval(
                 entry["val_top1"], entry["val_top5"] = _evaluate(head, val_feats, val_labels, device, n_val, group)
             history.append(entry)
             if checkpoint is not None:
-                rng_states = gather_objects(torch.get_rng_state(), dist_info) if dist_info else [torch.get_rng_state()]
+                mine = (torch.get_rng_state(), generator.get_state())  # each rank's own random states
+                rng_states = gather_objects(mine, dist_info) if dist_info else [mine]
                 if main_rank:
                     save_atomic({"format": CHECKPOINT_FORMAT, "identity": identity, "head": head.state_dict(),
                                  "optimizer": optimizer.state_dict(), "history": history,
-                                 "generator": generator.get_state(), "torch_rng": rng_states}, checkpoint)
+                                 "torch_rng": [r for r, _ in rng_states],
+                                 "generator": [g for _, g in rng_states]}, checkpoint)
             if on_epoch:
                 on_epoch(entry)
             progress.advance(epoch_task)
@@ -343,10 +354,11 @@ def _resume(path: Path, identity: dict, head: nn.Module, optimizer: torch.optim.
             generator: torch.Generator, rank: int = 0, dist_info: DistInfo | None = None) -> tuple[list[dict], int]:
     """Continue from the linear-eval checkpoint ``path`` when it exists: the head, the optimiser and the random
     states loaded; (history, epochs done), or ([], 0) without a file. ValueError naming the file when it is not
-    one, was written by another evaluation, or (several ranks) the ranks do not see the same file; every rank
-    raises it."""
+    one or was written by another evaluation. With several ranks, rank 0 (the one that writes it) reads the file
+    and sends it to the others, so it may lie on rank 0's node alone and every rank continues the same state;
+    every rank raises the same error."""
     state, problem = None, None
-    if path.is_file():
+    if rank == 0 and path.is_file():
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which and why
@@ -354,25 +366,21 @@ def _resume(path: Path, identity: dict, head: nn.Module, optimizer: torch.optim.
                        "or pass another --checkpoint")
         else:
             problem = _foreign_checkpoint(path, state, identity)
-    done = len(state["history"]) if state is not None and problem is None else 0
     if dist_info is not None and dist_info.world_size > 1:
-        views = gather_objects((problem, done), dist_info)
-        problems = [f"{p} (rank {r})" for r, (p, _) in enumerate(views) if p]
-        if problems:
-            raise SharedError(problems[0])
-        if len({d for _, d in views}) > 1:
-            raise SharedError(f"--checkpoint {path}: the ranks see different files (epochs done on each rank: "
-                             f"{[d for _, d in views]}); put it where every rank reads the same file, or pass "
-                             "another --checkpoint")
+        shared = [None if problem else state, problem]
+        dist.broadcast_object_list(shared, src=0, group=dist_info.control)
+        state, problem = shared
+        if problem:
+            raise SharedError(problem)
     elif problem:
         raise ValueError(problem)
-    if not done:
+    if state is None or not state["history"]:
         return [], 0
     head.load_state_dict(state["head"])
     optimizer.load_state_dict(state["optimizer"])
-    generator.set_state(state["generator"])
+    generator.set_state(state["generator"][rank])
     torch.set_rng_state(state["torch_rng"][rank])
-    return state["history"], done
+    return state["history"], len(state["history"])
 
 
 def _foreign_checkpoint(path: Path, state, identity: dict) -> str | None:
@@ -501,6 +509,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif not isinstance(exc, SharedError):  # perhaps this rank's alone (its node's files): said, with its rank
             print(f"linear_eval: error (rank {rank}): {exc}", file=sys.stderr)
         return 2  # a usage or data mistake, as train.py's config errors and argparse's
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (and under torchrun, each rank's orderly exit)
+        if int(os.environ.get("RANK", "0")) == 0:
+            kept = (f"{args.checkpoint} holds the epochs done; the same command continues from it" if args.checkpoint
+                    else "pass --checkpoint FILE to make a long evaluation resumable")
+            print(f"linear_eval: interrupted; {kept}", file=sys.stderr)
+        return 130
     finally:
         if dist_info is not None:
             shutdown()
