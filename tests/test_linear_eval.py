@@ -441,8 +441,6 @@ from tools import knn_eval, linear_eval as le
 from swav_fast.distributed import exit_process, init_distributed, shutdown
 
 spec = json.loads(sys.argv[1])
-if spec.pop("test_view"):  # deterministic training views: the same batches give the same classifier
-    le.train_transform = knn_eval.eval_transform
 stop_after = spec.pop("stop_after")
 info = init_distributed("cpu") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
 elsewhere = spec.pop("checkpoint_of_rank_1", None)
@@ -474,7 +472,7 @@ def _run_ranks(tmp_path: Path, **spec) -> dict | str:
 
     driver = tmp_path / "rank_driver.py"
     driver.write_text(_RANK_DRIVER)
-    spec = {"size": 32, "batch_size": 32, "workers": 0, "test_view": False, "stop_after": None, **spec}
+    spec = {"size": 32, "batch_size": 32, "workers": 0, "stop_after": None, **spec}
     spec = {k: str(v) if isinstance(v, Path) else v for k, v in spec.items()}
     proc = run_torchrun([str(driver), json.dumps(spec)], 300, {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -483,15 +481,12 @@ def _run_ranks(tmp_path: Path, **spec) -> dict | str:
     return json.loads(lines[0][len("RESULT "):])
 
 
-def test_two_ranks_train_the_classifier_of_one_process(tmp_path, digits_dir, val_dir, monkeypatch):
-    # 100 training images on 2 ranks of 16 per batch: the batches of 32 of one process, so (with deterministic
-    # views) the same gradients, averaged over the ranks, and the same classifier up to float rounding
-    import tools.linear_eval as linear_eval_module
-    from tools.knn_eval import eval_transform
-
+def test_two_ranks_train_the_classifier_of_one_process(tmp_path, digits_dir, val_dir):
+    # 100 training images on 2 ranks of 16 per batch: the batches of 32 of one process, each image with the same
+    # random crop and flip (drawn from its own seed, in a worker process or not), so the same gradients, averaged
+    # over the ranks, and the same classifier up to float rounding
     kw = {"size": 32, "epochs": 3, "batch_size": 32, "eval_every": 1}
-    two = _run_ranks(tmp_path, train=digits_dir, val=val_dir, test_view=True, checkpoint=tmp_path / "two.pth", **kw)
-    monkeypatch.setattr(linear_eval_module, "train_transform", eval_transform)
+    two = _run_ranks(tmp_path, train=digits_dir, val=val_dir, checkpoint=tmp_path / "two.pth", workers=1, **kw)
     one = linear_eval(load_eval_trunk(None, "resnet18")[0], digits_dir, val_dir, checkpoint=tmp_path / "one.pth",
                       **kw)
     assert (two["n_train"], two["n_val"], two["n_classes"]) == (one["n_train"], one["n_val"], one["n_classes"])
@@ -508,11 +503,11 @@ def test_two_ranks_train_the_classifier_of_one_process(tmp_path, digits_dir, val
 
 
 def test_two_ranks_resume_to_the_same_classifier(tmp_path, digits_dir, val_dir):
-    # crops and flips drawn on each rank (workers 0): stopped after 1 of 3 epochs and resumed, bit-equal
+    # stopped after 1 of 3 epochs and resumed, with other worker counts each time: bit-equal
     kw = {"train": digits_dir, "val": val_dir, "epochs": 3, "eval_every": 2}
-    whole = _run_ranks(tmp_path, checkpoint=tmp_path / "whole.pth", **kw)
+    whole = _run_ranks(tmp_path, checkpoint=tmp_path / "whole.pth", workers=2, **kw)
     ck = tmp_path / "ranks.pth"
-    assert _run_ranks(tmp_path, checkpoint=ck, stop_after=1, **kw) == "stopped"
+    assert _run_ranks(tmp_path, checkpoint=ck, stop_after=1, workers=1, **kw) == "stopped"
     assert len(torch.load(ck, weights_only=True)["history"]) == 1
     # rank 0 alone reads the file (it alone writes it): here rank 1 is given a path where there is none
     resumed = _run_ranks(tmp_path, checkpoint=ck, checkpoint_of_rank_1=tmp_path / "node1" / "none.pth", **kw)
@@ -521,13 +516,30 @@ def test_two_ranks_resume_to_the_same_classifier(tmp_path, digits_dir, val_dir):
     saved = [torch.load(p, weights_only=True) for p in (tmp_path / "whole.pth", ck)]
     for key in saved[0]["head"]:
         assert torch.equal(saved[0]["head"][key], saved[1]["head"][key]), key
-    assert saved[1]["identity"]["world_size"] == 2 and len(saved[1]["torch_rng"]) == 2
-    assert not torch.equal(*saved[1]["torch_rng"])  # each rank draws its own crops and flips
-    assert not torch.equal(*saved[1]["generator"])
+    assert saved[1]["identity"]["world_size"] == 2
     # one process does not continue the ranks' evaluation (its images come in other batches)
     with pytest.raises(ValueError, match=r"another evaluation \(world_size 2 -> 1\)"):
         linear_eval(load_eval_trunk(None, "resnet18")[0], digits_dir, val_dir, size=32, batch_size=32, epochs=3,
                     eval_every=2, checkpoint=ck)
+
+
+def test_seeded_views_are_a_function_of_seed_epoch_and_image(digits_dir):
+    from tools.linear_eval import EpochSampler, SeededViews
+
+    views = SeededViews(eval_dataset(digits_dir, 32, "--train"), seed=7)
+    views.dataset.transform = train_transform(32)
+    before = torch.get_rng_state()
+    first = views[(0, 5)][0]
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's generator is untouched
+    torch.manual_seed(123)
+    views[(0, 9)]
+    assert torch.equal(views[(0, 5)][0], first)  # whatever was drawn before, by whom
+    assert not torch.equal(views[(1, 5)][0], first)  # another epoch, another crop
+    assert not torch.equal(SeededViews(views.dataset, seed=8)[(0, 5)][0], first)
+    sampler = torch.utils.data.DistributedSampler(views, num_replicas=2, rank=1, shuffle=True, seed=7)
+    sampler.set_epoch(4)
+    keys = list(EpochSampler(sampler))
+    assert len(keys) == len(sampler) == 50 and [i for _, i in keys] == list(sampler) and {e for e, _ in keys} == {4}
 
 
 def test_cli_on_two_ranks(tmp_path, digits_dir, val_dir):
@@ -579,10 +591,6 @@ def test_checkpoint_of_an_older_linear_eval_is_named(tmp_path, digits_dir, val_d
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by tools/gpu_suite.sh)")
 def test_linear_eval_on_cuda_matches_cpu(digits_dir, val_dir, monkeypatch):
     # pinned batches, the device-side sums and the device-side top-k counts on a GPU give the CPU's figures
-    import tools.linear_eval as linear_eval_module
-    from tools.knn_eval import eval_transform
-
-    monkeypatch.setattr(linear_eval_module, "train_transform", eval_transform)  # deterministic training views
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 convolutions, as on the CPU
     kw = {"size": 32, "epochs": 2, "batch_size": 32, "lr": 0.01, "workers": 2}
     cpu = linear_eval(load_eval_trunk(None, "resnet18")[0], digits_dir, val_dir, device="cpu", **kw)

@@ -28,9 +28,11 @@ rank reads and augments its share of every batch (``--batch-size`` stays the tot
 own ``--workers``, the classifier's gradients are averaged over the ranks before each step, and each rank computes
 the validation features of its share of the images; rank 0 prints, writes ``--json`` and ``--checkpoint``. The
 images are visited in the order of a DistributedSampler seeded with ``--seed`` and the epoch, in one process too,
-so with a training set that N divides the batches are those of one process (the sampler pads the shares to one
-length otherwise, repeating a few images per epoch, as the official script's sampler does). ``--precompute`` runs
-in one process only.
+and each image's crop and flip are drawn from a generator seeded with (``--seed``, epoch, image), as train.py's
+reference pipeline draws its views. So with a training set that N divides, N ranks train on the batches and views
+of one process, whatever ``--workers`` (the sampler pads the shares to one length otherwise, repeating a few images
+per epoch, as the official script's sampler does), and a resumed evaluation gives the numbers of an uninterrupted one.
+``--precompute`` runs in one process only.
 
 ``--trunk`` takes a torchvision trunk (train.py's trunk_<arch>.pth, or ``python -m swav_fast.interop export``),
 a swav_fast checkpoint (checkpoints/ckpt_*.pth, its model entry) or an official SwAV checkpoint
@@ -70,12 +72,12 @@ from torchvision import transforms
 if __package__ in (None, ""):  # run as `python tools/linear_eval.py`: make `tools` and `swav_fast` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipelines.reference import sample_seed  # noqa: E402
 from swav_fast.checkpoint import save_atomic  # noqa: E402
 from swav_fast.distributed import (  # noqa: E402
     DeviceError,
     DistInfo,
     average_gradients_,
-    gather_objects,
     init_distributed,
     run_main,
     shutdown,
@@ -111,6 +113,39 @@ def train_transform(size: int) -> transforms.Compose:
         transforms.ToTensor(),
         transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
     ])
+
+
+class SeededViews(torch.utils.data.Dataset):
+    """``dataset`` indexed by (epoch, index): each sample's random view drawn from torch's generator seeded with
+    (seed, epoch, index), as train.py's reference pipeline does. The views are then a pure function of those three,
+    whatever the worker count, the rank count or the resume point; the caller's generator is left as it was."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.dataset[index]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A DistributedSampler's indices as (epoch, index) keys for SeededViews: the epoch travels with each index to
+    the loader's worker processes, persistent ones included."""
+
+    def __init__(self, sampler: torch.utils.data.DistributedSampler):
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        return ((epoch, index) for index in self.sampler)
 
 
 @torch.no_grad()
@@ -172,19 +207,18 @@ def linear_eval(
     val_top1, val_top5). ``on_epoch`` is called with each history entry.
 
     The training images are visited in the order of a DistributedSampler seeded with ``seed`` and the epoch
-    (one replica in one process). With ``dist_info`` of several ranks (torchrun), each rank takes its share of
-    every batch of ``batch_size`` images (which the world size must divide) and of the validation images, the
-    classifier's gradients are averaged over the ranks before each step, and the figures are summed over them:
-    with the training images a multiple of the world size, the same batches as one process, so the same
-    classifier up to float rounding (with crops and flips drawn on each rank, other draws of the same
-    distribution). ``precompute`` runs in one process only. Every rank returns the same result.
+    (one replica in one process), each with the view of SeededViews (a pure function of seed, epoch and image).
+    With ``dist_info`` of several ranks (torchrun), each rank takes its share of every batch of ``batch_size``
+    images (which the world size must divide) and of the validation images, the classifier's gradients are
+    averaged over the ranks before each step, and the figures are summed over them: with the training images a
+    multiple of the world size, the same batches and views as one process, so the same classifier up to float
+    rounding. ``precompute`` runs in one process only. Every rank returns the same result.
 
-    With ``checkpoint``, the classifier, its optimiser, the history and the random states are written there after
-    every epoch (atomically, by rank 0), and an existing file of the same settings, world size and trunk is
-    continued from (rank 0 reads it and sends it to the other ranks, so it may lie on rank 0's node alone): with
-    ``workers=0`` (or ``precompute``) the resumed run gives the same numbers as an uninterrupted one; with worker
-    processes, the augmentations after the resume are other draws of the same distribution. The result then has
-    ``resumed_from_epoch``.
+    With ``checkpoint``, the classifier, its optimiser, the history and precompute's shuffling state are written
+    there after every epoch (atomically, by rank 0), and an existing file of the same settings, world size and
+    trunk is continued from (rank 0 reads it and sends it to the other ranks, so it may lie on rank 0's node
+    alone): the resumed run gives the same numbers as an uninterrupted one, whatever ``workers``. The result then
+    has ``resumed_from_epoch``.
     """
     world, rank = (dist_info.world_size, dist_info.rank) if dist_info is not None else (1, 0)
     group = dist_info.group if dist_info is not None else None
@@ -229,12 +263,11 @@ def linear_eval(
         train_set.transform = train_transform(size)
     local_batch = batch_size // world
     pin = device.type == "cuda"
-    # precompute's order; the worker processes' seeds (each rank its own, rank 0's those of one process)
-    generator = torch.Generator().manual_seed(seed + rank)
+    generator = torch.Generator().manual_seed(seed)  # precompute's order (and the worker processes' base seed)
     sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-    train_loader = torch.utils.data.DataLoader(train_set, batch_size=local_batch, sampler=sampler,
-                                               num_workers=workers, pin_memory=pin, generator=generator,
-                                               persistent_workers=workers > 0 and not precompute)
+    train_loader = torch.utils.data.DataLoader(SeededViews(train_set, seed), batch_size=local_batch,
+                                               sampler=EpochSampler(sampler), num_workers=workers, pin_memory=pin,
+                                               generator=generator, persistent_workers=workers > 0 and not precompute)
     # this rank's share of the validation images (all of them in one process): no image counted twice
     val_part = val_set if world == 1 else torch.utils.data.Subset(val_set, range(rank, n_val, world))
     val_loader = torch.utils.data.DataLoader(val_part, batch_size=local_batch, num_workers=workers, pin_memory=pin)
@@ -257,8 +290,6 @@ def linear_eval(
         nn.init.normal_(head.weight, mean=0.0, std=0.01)
         nn.init.zeros_(head.bias)
         head = head.to(device)
-        if rank:  # crops and flips drawn in this process (workers 0): each rank its own
-            torch.manual_seed(seed + rank)
         optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=wd, nesterov=nesterov)
         # what a checkpoint must share with this run to be continued by it (eval_every and workers may change)
         identity = {"epochs": epochs, "lr": lr, "final_lr": final_lr, "momentum": momentum, "wd": wd,
@@ -318,14 +349,10 @@ def linear_eval(
             if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
                 entry["val_top1"], entry["val_top5"] = _evaluate(head, val_feats, val_labels, device, n_val, group)
             history.append(entry)
-            if checkpoint is not None:
-                mine = (torch.get_rng_state(), generator.get_state())  # each rank's own random states
-                rng_states = gather_objects(mine, dist_info) if dist_info else [mine]
-                if main_rank:
-                    save_atomic({"format": CHECKPOINT_FORMAT, "identity": identity, "head": head.state_dict(),
-                                 "optimizer": optimizer.state_dict(), "history": history,
-                                 "torch_rng": [r for r, _ in rng_states],
-                                 "generator": [g for _, g in rng_states]}, checkpoint)
+            if checkpoint is not None and main_rank:
+                save_atomic({"format": CHECKPOINT_FORMAT, "identity": identity, "head": head.state_dict(),
+                             "optimizer": optimizer.state_dict(), "history": history,
+                             "generator": generator.get_state()}, checkpoint)
             if on_epoch:
                 on_epoch(entry)
             progress.advance(epoch_task)
@@ -378,8 +405,7 @@ def _resume(path: Path, identity: dict, head: nn.Module, optimizer: torch.optim.
         return [], 0
     head.load_state_dict(state["head"])
     optimizer.load_state_dict(state["optimizer"])
-    generator.set_state(state["generator"][rank])
-    torch.set_rng_state(state["torch_rng"][rank])
+    generator.set_state(state["generator"])
     return state["history"], len(state["history"])
 
 
