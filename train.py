@@ -379,6 +379,18 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                 "node must see the same, complete files in --run_dir", highlight=False)
             shutdown(model)
             return 2
+    if state is not None and cfg.resume != "auto":
+        # --resume PATH into a run directory whose own checkpoints have gone further: the two histories would
+        # interleave there (and --resume auto would later take the newest, of the other one)
+        own = ckpt.checkpoint_path(run_dir, state["iteration"]).name
+        later = [p.name for p in ckpt.list_checkpoints(run_dir) if p.name > own]
+        problem = (f"[bold red]resume error:[/] {run_dir} holds checkpoints past iteration {state['iteration']} of "
+                   f"{resume_from} (the newest: {later[-1]}); continuing there would mix two runs' checkpoints and "
+                   "metrics. Pass another --run_dir, or move those checkpoints out of "
+                   f"{run_dir / ckpt.CHECKPOINT_DIR} to roll the run back" if later else None)
+        if stop_together(problem):
+            shutdown(model)
+            return 2
     if state is not None:
         problem = None
         try:

@@ -95,7 +95,8 @@ class Config:
     # ----- run -----
     run_dir: str = _f("runs/swav", "directory for checkpoints, metrics, config and the exported trunk")
     resume: str = _f("", "'auto': continue from run_dir's checkpoint (with the run's saved config.toml as the base "
-                     "when no --preset is given); a path: that checkpoint; '': fresh run", per_invocation=True)
+                     "when no --preset is given); a path: that checkpoint (with the options it holds as the base "
+                     "when no --preset is given, except its run_dir); '': fresh run", per_invocation=True)
     seed: int = _f(31, "seed of initialisation, data order and augmentation")
     log_every: int = _f(20, "steps per loss window: each is copied to the host without waiting and logged one "
                         "window later; signals and timed checkpoints are acted on at these steps")
@@ -353,13 +354,43 @@ def parse_config(argv: list[str] | None = None, world_size: int = 1) -> Config:
     preset = args.pop("preset")
     values: dict[str, Any] = load_toml(preset_path(preset)) if preset else {}
     values.update(args)
-    if values.get("resume") == "auto" and not preset:
-        # `train.py --run_dir R --resume auto` continues R with the config it was started with.
-        saved = Path(values.get("run_dir", Config.run_dir)) / "config.toml"
-        if saved.is_file():
-            base = {k: v for k, v in load_toml(saved).items() if not per_invocation(k)}
-            values = {**base, **args}
+    if values.get("resume") and not preset:
+        # `train.py --run_dir R --resume auto` continues R with the config it was started with, and
+        # `--resume PATH` that checkpoint's run with the config it holds; flags override either.
+        values = {**resumed_config(values["resume"], values.get("run_dir", Config.run_dir)), **args}
     return validate(Config(**values), world_size)
+
+
+def resumed_config(resume: str, run_dir: str) -> dict[str, Any]:
+    """The options a resume starts from when no --preset is given, per-invocation ones left out: for 'auto', those
+    of run_dir's config.toml; for a swav_fast checkpoint file, those it was written with, less its run_dir (the
+    run directory is where this launch writes: given by --run_dir, or the default). {} when there is no such file,
+    or the file is not a swav_fast checkpoint (train.py then says what is wrong with it)."""
+    if resume == "auto":
+        saved = Path(run_dir) / "config.toml"
+        values = load_toml(saved) if saved.is_file() else {}
+    else:
+        values = _checkpoint_config(Path(resume))
+        values.pop("run_dir", None)
+    return {k: v for k, v in values.items() if k in FIELDS and not per_invocation(k)}
+
+
+def _checkpoint_config(path: Path) -> dict[str, Any]:
+    """The config dict a swav_fast checkpoint holds, read without loading its tensors (memory-mapped); {} for
+    anything else."""
+    if not path.is_file():
+        return {}
+    import torch  # here: the rest of this module (and train.py --help) does without it
+
+    from swav_fast.checkpoint import FORMAT
+
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception:  # noqa: BLE001 - a foreign or damaged file: train.py's load names the problem
+        return {}
+    if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("config"), dict):
+        return {}
+    return dict(state["config"])
 
 
 def to_toml(cfg: Config) -> str:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from swav_fast.config import (
     PRESET_DIR,
@@ -322,6 +323,29 @@ def test_resume_auto_uses_saved_config(tmp_path):
     # Without a saved config: plain defaults.
     cfg = parse_config(["--run_dir", str(tmp_path / "fresh"), "--resume", "auto"])
     assert cfg.epochs == Config().epochs
+
+
+def test_resume_path_uses_the_checkpoint_config(tmp_path):
+    from swav_fast.checkpoint import FORMAT
+
+    saved = dataclasses.replace(parse_config(["--preset", "demo_cpu"]), epochs=6, base_lr=0.7, seed=5,
+                                run_dir=str(tmp_path / "old_run"), stop_after_epoch=2)
+    path = tmp_path / "ckpt_000000040.pth"
+    torch.save({"format": FORMAT, "config": {**dataclasses.asdict(saved), "retired_option": 1},
+                "model": {"w": torch.zeros(3)}}, path)
+    cfg = parse_config(["--resume", str(path)])
+    assert (cfg.epochs, cfg.base_lr, cfg.seed, cfg.arch, cfg.nmb_prototypes) == (6, 0.7, 5, "resnet18", 30)
+    assert cfg.run_dir == Config().run_dir  # where this launch writes: --run_dir or the default, not the old one
+    assert cfg.stop_after_epoch == 0 and cfg.resume == str(path)  # per-invocation options are this launch's
+    cfg = parse_config(["--resume", str(path), "--epochs", "9", "--run_dir", str(tmp_path / "new")])
+    assert (cfg.epochs, cfg.base_lr, cfg.run_dir) == (9, 0.7, str(tmp_path / "new"))  # flags win
+    preset = load_toml(preset_path("bs256_200ep"))
+    cfg = parse_config(["--preset", "bs256_200ep", "--resume", str(path)])
+    assert (cfg.epochs, cfg.base_lr) == (preset["epochs"], preset["base_lr"])  # a preset is the base instead
+    # a file that is not a swav_fast checkpoint gives the defaults here (train.py names the problem when loading)
+    for other in (tmp_path / "trunk.pth", tmp_path / "junk.pth"):
+        torch.save({"conv1.weight": torch.zeros(1)}, other) if other.name == "trunk.pth" else other.write_bytes(b"x")
+        assert parse_config(["--resume", str(other)]).base_lr == Config().base_lr
 
 
 def test_help_lists_every_field():

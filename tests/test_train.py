@@ -451,6 +451,27 @@ def test_resume_from_a_corrupt_checkpoint_names_it(digits_dir, tmp_path, capsys)
     assert f"{official} is not a swav_fast checkpoint" in err and "pass it to --init_from" in err, err
 
 
+def test_resume_path_into_a_run_that_went_further_is_refused(digits_dir, tmp_path, capsys):
+    # rolling a run back in its own directory would leave the newer checkpoints beside the new branch's ones
+    run_dir = tmp_path / "r"
+    opts = ["--checkpoint_every_steps", "2", "--keep_checkpoints", "10", "--checkpoint_every_minutes", "0"]
+    assert run(digits_dir, run_dir, *opts) == 0
+    kept = ckpt.list_checkpoints(run_dir)
+    assert [ckpt.load(p)["iteration"] for p in kept] == [2, 4, 6, 8]
+    metrics = (run_dir / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    assert run(digits_dir, run_dir, *opts, "--resume", str(kept[1])) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert (f"{run_dir} holds checkpoints past iteration 4 of {kept[1]} (the newest: {kept[-1].name}); continuing "
+            "there would mix two runs' checkpoints and metrics. Pass another --run_dir, or move those checkpoints "
+            "out of") in err, err
+    assert ckpt.list_checkpoints(run_dir) == kept and (run_dir / "metrics.jsonl").read_bytes() == metrics
+    # from its newest checkpoint, or into another directory, it goes on
+    assert run(digits_dir, run_dir, *opts, "--resume", str(kept[-1])) == 0
+    assert run(digits_dir, tmp_path / "branch", *opts, "--resume", str(kept[1])) == 0
+    assert ckpt.load(ckpt.list_checkpoints(tmp_path / "branch")[-1])["iteration"] == 8
+
+
 def test_init_from_an_official_layout_checkpoint(digits_dir, tmp_path):
     from swav_fast.model import SwAVModel
 
