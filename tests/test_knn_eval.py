@@ -453,3 +453,50 @@ def test_beton_input_gives_the_folder_figures(tmp_path: Path, capsys: pytest.Cap
         err = capsys.readouterr().err
         assert err.startswith(f"knn_eval: error: --val {bad}") or err.startswith(f"knn_eval: error: --val '{bad}'")
         assert needle in err and "tools/write_ffcv.py" in err and err.count("\n") == 1, err
+
+
+def test_two_ranks_share_the_feature_passes_and_give_one_process_figures(tmp_path: Path, capsys):
+    # torchrun: each rank computes the features of its share of the images (here 101 and 49: shares of unequal
+    # length), rank 0 receives them in order and gives the figures of one process, printed once
+    from conftest import run_torchrun, write_digits
+
+    train, val = write_digits(tmp_path / "train", per_class=11), write_digits(tmp_path / "val", per_class=5, offset=11)
+    next((train / "3").iterdir()).rename(tmp_path / "moved.jpg")  # 109 images
+    next((val / "7").iterdir()).unlink()  # 49
+    trunk = tmp_path / "trunk_resnet18.pth"
+    torch.manual_seed(0)
+    torch.save({k: v for k, v in torchvision.models.resnet18().state_dict().items() if k[:3] != "fc."}, trunk)
+    argv = ["--trunk", str(trunk), "--train", str(train), "--val", str(val), "--size", "32", "--few-labels", "3",
+            "--draws", "4", "--compare-random-init", "--batch-size", "16", "--workers", "1"]
+    proc = run_torchrun(["tools/knn_eval.py", *argv, "--json", str(tmp_path / "two.json")], 300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("kNN top-1 trained: ") == 1 and proc.stdout.count("wrote ") == 1, proc.stdout
+    assert main([*argv, "--json", str(tmp_path / "one.json")]) == 0
+    two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
+    assert two["settings"].pop("world_size") == 2 and one["settings"].pop("world_size") == 1
+    assert two["settings"] == one["settings"] and one["settings"]["n_train"] == 109
+    for name, row in one["results"].items():
+        assert two["results"][name]["top1"] == pytest.approx(row["top1"], abs=2.1)  # one image of 49
+        assert two["results"][name]["few_label_mean"] == pytest.approx(row["few_label_mean"], abs=2.1)
+
+
+def test_gather_shares_puts_every_row_in_its_place(monkeypatch):
+    # the arithmetic of gather_shares without processes: dist.gather stood in for by the other ranks' blocks
+    n, world, dim = 11, 3, 2
+    full = torch.arange(n * dim, dtype=torch.float32).view(n, dim)
+    shares = [full[r::world] for r in range(world)]
+    calls = []
+
+    def fake_gather(block, blocks, dst, group):
+        start = len(calls) * 2  # rows_per_call 2 below
+        calls.append(len(block))
+        for r, out in enumerate(blocks):
+            got = shares[r][start:start + len(block)]
+            out.zero_()[:len(got)] = got
+
+    monkeypatch.setattr(knn_eval.dist, "gather", fake_gather)
+    from swav_fast.distributed import DistInfo
+
+    info = DistInfo(rank=0, world_size=world, local_rank=0, device=torch.device("cpu"))
+    assert torch.equal(knn_eval.gather_shares(shares[0], n, info, rows_per_call=2), full)
+    assert calls == [2, 2]  # rank 0's 4 rows, in blocks of 2

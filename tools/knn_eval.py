@@ -10,22 +10,31 @@ tools/write_ffcv.py (its JPEG bytes are decoded with PIL to RGB, exactly as Imag
 the same evaluation view: see :func:`eval_dataset`). Class names of a .beton come from its sidecar
 ``<file>.beton.json``; the two sets must name the same classes in the same order.
 
+The kNN runs on ``--device`` (the feature bank in fp32 on the GPU; on the CPU, with a note, when it does not fit).
+Under ``torchrun --nproc_per_node=N`` the feature passes, which read and decode every image, are shared: each rank
+computes the features of its share of the images (rank, rank + N, ...), rank 0 receives them all in order and
+computes the figures of one process, and alone prints and writes ``--json``.
+
 Usage::
 
     python tools/knn_eval.py --trunk RUN/trunk_resnet18.pth \\
         --train data/demo/digits/train --val data/demo/digits/val --size 32 --compare-random-init
+    torchrun --nproc_per_node=4 tools/knn_eval.py --trunk runs/r50/trunk_resnet50.pth \\
+        --train /data/imagenet_train.beton --val /data/imagenet/val --workers 8
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from rich.console import Console
@@ -37,6 +46,14 @@ from torchvision import transforms
 if __package__ in (None, ""):  # run as `python tools/knn_eval.py`: make `tools` and `pipelines` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from swav_fast.distributed import (  # noqa: E402
+    DeviceError,
+    DistInfo,
+    init_distributed,
+    run_main,
+    shutdown,
+    world_size_from_env,
+)
 from swav_fast.interop import InteropError, infer_arch, read_checkpoint  # noqa: E402
 from swav_fast.model import trunk_state_dict  # noqa: E402
 from tools.write_ffcv import BetonImages  # noqa: E402
@@ -267,20 +284,56 @@ def extract_features(
     batch_size: int = 256,
     workers: int = 0,
     device: str | torch.device = "cpu",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of every image in an ImageFolder or .beton: (float32 [N, D] L2-normalised rows, int64 [N] labels)."""
+    dist_info: DistInfo | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+    """Features of every image in an ImageFolder or .beton: (float32 [N, D] L2-normalised rows, int64 [N] labels).
+
+    With ``dist_info`` of several ranks, each rank computes the features of its share (images rank, rank + W, ...)
+    and rank 0 receives them all, in the dataset's order, as one process would have them; the other ranks get
+    (None, None)."""
     dataset = eval_dataset(folder, size)
+    world, rank = (dist_info.world_size, dist_info.rank) if dist_info is not None else (1, 0)
+    if world > 1 and len(dataset) < world:
+        raise ValueError(f"{folder} has {len(dataset)} images, fewer than the {world} ranks that share them: run on "
+                         "fewer ranks")
+    part = dataset if world == 1 else torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     loader = torch.utils.data.DataLoader(
-        dataset,
+        part,
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
         pin_memory=torch.device(device).type == "cuda",
     )
-    with Progress(transient=True) as progress:
+    with Progress(transient=True, disable=rank != 0) as progress:
         feats, labels = compute_features(model.to(device), loader, torch.device(device), progress,
                                          f"features {Path(folder).name}")
+    if world > 1:
+        feats = gather_shares(feats, len(dataset), dist_info)
+        if rank != 0:
+            return None, None
+        labels = torch.as_tensor(np.asarray(dataset.targets, dtype=np.int64))  # every image's, in order
     return F.normalize(feats, dim=1), labels
+
+
+def gather_shares(feats: torch.Tensor, n: int, dist_info: DistInfo, rows_per_call: int = 16384
+                  ) -> torch.Tensor | None:
+    """Each rank's share of features (rows rank, rank + W, ... of ``n``) gathered on rank 0 in the dataset's
+    order, through the host-side gloo group in blocks of ``rows_per_call`` rows (bounded memory, no GPU stream
+    involved); None on the other ranks."""
+    world, rank = dist_info.world_size, dist_info.rank
+    longest = -(-n // world)  # rank 0's share; the others have as many rows or one fewer
+    out = torch.empty(n, feats.shape[1]) if rank == 0 else None
+    for start in range(0, longest, rows_per_call):
+        block = torch.zeros(min(rows_per_call, longest - start), feats.shape[1])
+        mine = feats[start:start + len(block)]
+        block[:len(mine)] = mine
+        blocks = [torch.empty_like(block) for _ in range(world)] if rank == 0 else None
+        dist.gather(block, blocks, dst=0, group=dist_info.control)
+        if rank == 0:
+            for r, got in enumerate(blocks):
+                rows = torch.arange(r, n, world)[start:start + len(block)]  # the dataset rows of this block
+                out[rows] = got[:len(rows)]
+    return out
 
 
 def knn_predict(
@@ -477,59 +530,87 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     console = Console()
     if not console.is_terminal:
         # Logs and CI capture: a fixed, wider width keeps the table's long column titles on one line.
         console = Console(width=120)
-
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun (every rank shares the feature passes); else 0
+    joined = []  # the process group, once joined
     try:
-        n_classes, notes = check_classes(args.train, args.val)
-        for note in notes:
-            print(f"knn_eval: note: {note}", file=sys.stderr)
-        # Load every trunk before the slow feature passes, so a bad --baseline fails in seconds. The --trunk file
-        # names the architecture (unless --arch does); a --baseline must be of the same one.
-        model, arch, _ = load_eval_trunk(args.trunk, args.arch, args.trust_pickle)
-        models: list[tuple[str, str | None, nn.Module]] = [("trained", args.trunk, model)]
-        if args.baseline:
-            model, found, _ = load_eval_trunk(args.baseline, args.arch, args.trust_pickle, option="--baseline")
-            if found != arch:
-                raise ValueError(f"--baseline {args.baseline} holds a {found} trunk but --trunk a {arch}: compare "
-                                 "trunks of one architecture")
-            models.append((args.baseline_name, args.baseline, model))
-        if args.compare_random_init:
-            models.append(("random init", None, load_eval_trunk(None, arch)[0]))
-        if args.few_labels:
-            check_few_labels(args.train, args.few_labels)  # before the slow feature passes as well
-
-        results = {}
-        for name, path, model in models:
-            train_feats, train_labels = extract_features(
-                model, args.train, args.size, args.batch_size, args.workers, device
-            )
-            val_feats, val_labels = extract_features(
-                model, args.val, args.size, args.batch_size, args.workers, device
-            )
-            preds = bank_knn(train_feats, train_labels, val_feats, args.k, args.temperature, n_classes, device)
-            row = {"trunk": path, "top1": accuracy(preds, val_labels)}
-            if args.few_labels:
-                mean, std = few_label_knn(
-                    train_feats,
-                    train_labels,
-                    val_feats,
-                    val_labels,
-                    per_class=args.few_labels,
-                    draws=args.draws,
-                    k=args.k,
-                    temperature=args.temperature,
-                    device=device,
-                )
-                row.update(few_label_mean=mean, few_label_std=std)
-            results[name] = row
-            n_train, n_val = len(train_labels), len(val_labels)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"knn_eval: error: {exc}", file=sys.stderr)
+        return _evaluate_and_report(args, console, joined)
+    except (FileNotFoundError, ValueError, DeviceError) as exc:
+        if rank == 0:
+            print(f"knn_eval: error: {exc}", file=sys.stderr)
+        else:  # perhaps this rank's alone (its node's files): said, with its rank
+            print(f"knn_eval: error (rank {rank}): {exc}", file=sys.stderr)
         return 2  # a usage or data mistake, as train.py's config errors and argparse's
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback
+        if rank == 0:
+            print("knn_eval: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if joined:
+            shutdown()
+
+
+def _evaluate_and_report(args: argparse.Namespace, console: Console, joined: list) -> int:
+    """main's work: every trunk's features (each rank computes its share under torchrun), then on rank 0 the kNN,
+    the table and the JSON. A process group joined is appended to ``joined``."""
+    n_classes, notes = check_classes(args.train, args.val)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    for note in notes if main_rank else ():
+        print(f"knn_eval: note: {note}", file=sys.stderr)
+    # Load every trunk before the slow feature passes, so a bad --baseline fails in seconds. The --trunk file
+    # names the architecture (unless --arch does); a --baseline must be of the same one.
+    model, arch, _ = load_eval_trunk(args.trunk, args.arch, args.trust_pickle)
+    models: list[tuple[str, str | None, nn.Module]] = [("trained", args.trunk, model)]
+    if args.baseline:
+        model, found, _ = load_eval_trunk(args.baseline, args.arch, args.trust_pickle, option="--baseline")
+        if found != arch:
+            raise ValueError(f"--baseline {args.baseline} holds a {found} trunk but --trunk a {arch}: compare "
+                             "trunks of one architecture")
+        models.append((args.baseline_name, args.baseline, model))
+    if args.compare_random_init:
+        models.append(("random init", None, load_eval_trunk(None, arch)[0]))
+    if args.few_labels:
+        check_few_labels(args.train, args.few_labels)  # before the slow feature passes as well
+    dist_info = None
+    if world_size_from_env() > 1:  # torchrun: one rank per GPU (or CPU process), its device from LOCAL_RANK
+        dist_info = init_distributed(args.device or "auto")
+        joined.append(dist_info)
+        device = dist_info.device
+    else:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    results = {}
+    for name, path, model in models:
+        train_feats, train_labels = extract_features(
+            model, args.train, args.size, args.batch_size, args.workers, device, dist_info
+        )
+        val_feats, val_labels = extract_features(
+            model, args.val, args.size, args.batch_size, args.workers, device, dist_info
+        )
+        if not main_rank:
+            continue  # rank 0 has every feature and does the rest
+        preds = bank_knn(train_feats, train_labels, val_feats, args.k, args.temperature, n_classes, device)
+        row = {"trunk": path, "top1": accuracy(preds, val_labels)}
+        if args.few_labels:
+            mean, std = few_label_knn(
+                train_feats,
+                train_labels,
+                val_feats,
+                val_labels,
+                per_class=args.few_labels,
+                draws=args.draws,
+                k=args.k,
+                temperature=args.temperature,
+                device=device,
+            )
+            row.update(few_label_mean=mean, few_label_std=std)
+        results[name] = row
+        n_train, n_val = len(train_labels), len(val_labels)
+    if not main_rank:
+        return 0
 
     table = Table(title=f"kNN on {arch} features: {n_train} train / {n_val} val images, {args.size}px")
     table.add_column("trunk")
@@ -564,6 +645,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "n_train": n_train,
             "n_val": n_val,
             "n_classes": n_classes,
+            "world_size": dist_info.world_size if dist_info else 1,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"settings": settings, "results": results}, indent=2) + "\n")
@@ -572,4 +654,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)
