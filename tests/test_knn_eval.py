@@ -500,3 +500,11 @@ def test_gather_shares_puts_every_row_in_its_place(monkeypatch):
     info = DistInfo(rank=0, world_size=world, local_rank=0, device=torch.device("cpu"))
     assert torch.equal(knn_eval.gather_shares(shares[0], n, info, rows_per_call=2), full)
     assert calls == [2, 2]  # rank 0's 4 rows, in blocks of 2
+
+
+def test_a_gpu_index_under_torchrun_is_refused(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exc:
+        main(["--trunk", "t.pth", "--train", str(tmp_path), "--val", str(tmp_path), "--device", "cuda:1"])
+    assert exc.value.code == 2
+    assert "--device cuda:1: under torchrun each rank takes the GPU of its LOCAL_RANK" in capsys.readouterr().err

@@ -525,6 +525,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--few-labels {args.few_labels}: must be 0 (skip) or more")
     if args.temperature <= 0:
         parser.error(f"--temperature {args.temperature}: must be positive")
+    if world_size_from_env() > 1 and args.device not in (None, "cuda", "cpu"):
+        parser.error(f"--device {args.device}: under torchrun each rank takes the GPU of its LOCAL_RANK; pass "
+                     "--device cuda or cpu, or leave it out")
     return args
 
 
