@@ -14,6 +14,7 @@ Two choices differ from facebookresearch/swav without changing the distribution 
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,6 +138,16 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (x ^ (x >> 31)) >> 1
 
 
+@contextlib.contextmanager
+def seeded_draws(seed: int, epoch: int, index: int) -> Iterator[None]:
+    """torch's global generator seeded with sample_seed(seed, epoch, index) inside the block, so that a sample's
+    random view is a pure function of the three; the caller's generator state is restored after it (that matters
+    in the main process, with workers=0)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sample_seed(seed, epoch, index))
+        yield
+
+
 def _open_rgb(path: str) -> Image.Image:
     with Image.open(path) as im:
         return im.convert("RGB")
@@ -161,9 +172,7 @@ class MultiCropDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[list[torch.Tensor], int, list[str]]:
         img, skipped = self._open(index)
-        # fork_rng keeps the caller's global generator untouched (it matters with workers=0).
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+        with seeded_draws(self.seed, self.epoch, index):
             crops = [t(img) for t in self.transforms]
         return crops, index, skipped
 

@@ -72,7 +72,7 @@ from torchvision import transforms
 if __package__ in (None, ""):  # run as `python tools/linear_eval.py`: make `tools` and `swav_fast` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.reference import sample_seed  # noqa: E402
+from pipelines.reference import seeded_draws  # noqa: E402
 from swav_fast.checkpoint import save_atomic  # noqa: E402
 from swav_fast.distributed import (  # noqa: E402
     DeviceError,
@@ -128,8 +128,7 @@ class SeededViews(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
+        with seeded_draws(self.seed, epoch, index):
             return self.dataset[index]
 
 
