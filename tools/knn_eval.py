@@ -276,6 +276,51 @@ def compute_features(trunk: nn.Module, loader: torch.utils.data.DataLoader, devi
     return torch.cat(feats), torch.cat(labels).long()
 
 
+class SharedError(ValueError):
+    """A mistake every rank finds alike under torchrun (the same data, or a decision the ranks agreed on): said
+    once, by rank 0 (print_error)."""
+
+
+def torchrun_device_problem(device: str | None) -> str | None:
+    """Why ``--device`` cannot be used under torchrun (a GPU index: each rank takes its LOCAL_RANK's); None when it
+    can, or without torchrun."""
+    if world_size_from_env() > 1 and device not in (None, "cuda", "cpu"):
+        return (f"--device {device}: under torchrun each rank takes the GPU of its LOCAL_RANK; pass --device cuda or "
+                "cpu, or leave it out")
+    return None
+
+
+def eval_device(device: str | None) -> tuple[DistInfo | None, torch.device]:
+    """(the process group joined, this rank's device) under torchrun, one rank per GPU (or CPU process); else
+    (None, ``--device``, or cuda when there is one)."""
+    if world_size_from_env() > 1:
+        dist_info = init_distributed(device or "auto")
+        return dist_info, dist_info.device
+    return None, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def rank_share(dataset: torch.utils.data.Dataset, dist_info: DistInfo | None, what: str) -> torch.utils.data.Dataset:
+    """This rank's share of ``dataset`` (items rank, rank + W, ...: none counted twice); all of it in one process.
+    SharedError when there are fewer items than ranks (``what`` names the data)."""
+    if dist_info is None or dist_info.world_size == 1:
+        return dataset
+    world, n = dist_info.world_size, len(dataset)
+    if n < world:
+        raise SharedError(f"{what} has {n} images, fewer than the {world} ranks that share them: run on fewer ranks")
+    return torch.utils.data.Subset(dataset, range(dist_info.rank, n, world))
+
+
+def print_error(tool: str, exc: BaseException) -> None:
+    """A tool's one-line error: by rank 0; by another rank too, with its number, unless every rank has it
+    (SharedError), since it may be that rank's alone (its node's files). RANK is read from the environment, so this
+    also works before the process group is joined."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(f"{tool}: error: {exc}", file=sys.stderr)
+    elif not isinstance(exc, SharedError):
+        print(f"{tool}: error (rank {rank}): {exc}", file=sys.stderr)
+
+
 @torch.no_grad()
 def extract_features(
     model: nn.Module,
@@ -293,10 +338,7 @@ def extract_features(
     (None, None)."""
     dataset = eval_dataset(folder, size)
     world, rank = (dist_info.world_size, dist_info.rank) if dist_info is not None else (1, 0)
-    if world > 1 and len(dataset) < world:
-        raise ValueError(f"{folder} has {len(dataset)} images, fewer than the {world} ranks that share them: run on "
-                         "fewer ranks")
-    part = dataset if world == 1 else torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+    part = rank_share(dataset, dist_info, str(folder))
     loader = torch.utils.data.DataLoader(
         part,
         batch_size=batch_size,
@@ -525,9 +567,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--few-labels {args.few_labels}: must be 0 (skip) or more")
     if args.temperature <= 0:
         parser.error(f"--temperature {args.temperature}: must be positive")
-    if world_size_from_env() > 1 and args.device not in (None, "cuda", "cpu"):
-        parser.error(f"--device {args.device}: under torchrun each rank takes the GPU of its LOCAL_RANK; pass "
-                     "--device cuda or cpu, or leave it out")
+    problem = torchrun_device_problem(args.device)
+    if problem:
+        parser.error(problem)
     return args
 
 
@@ -542,10 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _evaluate_and_report(args, console, joined)
     except (FileNotFoundError, ValueError, DeviceError) as exc:
-        if rank == 0:
-            print(f"knn_eval: error: {exc}", file=sys.stderr)
-        else:  # perhaps this rank's alone (its node's files): said, with its rank
-            print(f"knn_eval: error (rank {rank}): {exc}", file=sys.stderr)
+        print_error("knn_eval", exc)
         return 2  # a usage or data mistake, as train.py's config errors and argparse's
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback
         if rank == 0:
@@ -577,13 +616,9 @@ def _evaluate_and_report(args: argparse.Namespace, console: Console, joined: lis
         models.append(("random init", None, load_eval_trunk(None, arch)[0]))
     if args.few_labels:
         check_few_labels(args.train, args.few_labels)  # before the slow feature passes as well
-    dist_info = None
-    if world_size_from_env() > 1:  # torchrun: one rank per GPU (or CPU process), its device from LOCAL_RANK
-        dist_info = init_distributed(args.device or "auto")
+    dist_info, device = eval_device(args.device)
+    if dist_info is not None:
         joined.append(dist_info)
-        device = dist_info.device
-    else:
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     results = {}
     for name, path, model in models:

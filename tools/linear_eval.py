@@ -78,7 +78,6 @@ from swav_fast.distributed import (  # noqa: E402
     DeviceError,
     DistInfo,
     average_gradients_,
-    init_distributed,
     run_main,
     shutdown,
     world_size_from_env,
@@ -86,18 +85,19 @@ from swav_fast.distributed import (  # noqa: E402
 from tools.knn_eval import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
+    SharedError,
     check_classes,
     compute_features,
     eval_dataset,
+    eval_device,
     load_eval_trunk,
+    print_error,
+    rank_share,
+    torchrun_device_problem,
 )
 
 CHECKPOINT_FORMAT = "swav_fast linear_eval/2"
 DEFAULTS = {"epochs": 100, "lr": 0.3, "final_lr": 0.0, "momentum": 0.9, "wd": 1e-6, "batch_size": 256}
-
-
-class SharedError(ValueError):
-    """A mistake every rank finds and raises alike (the ranks agreed on it): said once, by rank 0."""
 
 
 def cosine_lr(epoch: int, epochs: int, base_lr: float = 0.3, final_lr: float = 0.0) -> float:
@@ -233,12 +233,9 @@ def linear_eval(
         raise ValueError(f"final_lr={final_lr} is above lr={lr}: the cosine would raise the learning rate")
     if nesterov and momentum == 0:
         raise ValueError("nesterov needs a momentum above 0")
-    if world > 1 and precompute:
-        raise ValueError(f"--precompute runs in one process, not on {world} ranks: drop it (the faithful path "
-                         "shares its work among the ranks), or run without torchrun")
-    if batch_size % world:
-        raise ValueError(f"--batch-size {batch_size} is the total over the {world} ranks and must be a multiple "
-                         f"of it: pass for example {max(world, batch_size // world * world)}")
+    problem = _ranks_problem(world, precompute, batch_size)
+    if problem:
+        raise ValueError(problem)
     n_classes, notes = check_classes(train_dir, val_dir)  # each an ImageFolder root or a write_ffcv .beton
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
@@ -255,9 +252,7 @@ def linear_eval(
     val_set = eval_dataset(val_dir, size, "--val")  # the test view (knn_eval.eval_transform)
     train_set = eval_dataset(train_dir, size, "--train")
     n_train, n_val = len(train_set), len(val_set)
-    if n_val < world:
-        raise SharedError(f"--val {val_dir} has {n_val} images, fewer than the {world} ranks that share them: run on "
-                          "fewer ranks")
+    val_part = rank_share(val_set, dist_info, f"--val {val_dir}")  # this rank's validation images
     if not precompute:
         train_set.transform = train_transform(size)
     local_batch = batch_size // world
@@ -267,8 +262,6 @@ def linear_eval(
     train_loader = torch.utils.data.DataLoader(SeededViews(train_set, seed), batch_size=local_batch,
                                                sampler=EpochSampler(sampler), num_workers=workers, pin_memory=pin,
                                                generator=generator, persistent_workers=workers > 0 and not precompute)
-    # this rank's share of the validation images (all of them in one process): no image counted twice
-    val_part = val_set if world == 1 else torch.utils.data.Subset(val_set, range(rank, n_val, world))
     val_loader = torch.utils.data.DataLoader(val_part, batch_size=local_batch, num_workers=workers, pin_memory=pin)
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -297,7 +290,7 @@ def linear_eval(
                     "num_features": num_features, "world_size": world, "trunk_checksum": _trunk_checksum(trunk)}
         start_epoch = 0
         if checkpoint is not None:
-            history, start_epoch = _resume(checkpoint, identity, head, optimizer, generator, rank, dist_info)
+            history, start_epoch = _resume(checkpoint, identity, head, optimizer, generator, dist_info)
             if start_epoch and main_rank:
                 console.print(f"resumed from {checkpoint}: {start_epoch} of {epochs} epochs done", highlight=False,
                               soft_wrap=True)
@@ -377,14 +370,14 @@ def _trunk_checksum(trunk: nn.Module) -> float:
 
 
 def _resume(path: Path, identity: dict, head: nn.Module, optimizer: torch.optim.Optimizer,
-            generator: torch.Generator, rank: int = 0, dist_info: DistInfo | None = None) -> tuple[list[dict], int]:
+            generator: torch.Generator, dist_info: DistInfo | None = None) -> tuple[list[dict], int]:
     """Continue from the linear-eval checkpoint ``path`` when it exists: the head, the optimiser and the random
     states loaded; (history, epochs done), or ([], 0) without a file. ValueError naming the file when it is not
     one or was written by another evaluation. With several ranks, rank 0 (the one that writes it) reads the file
     and sends it to the others, so it may lie on rank 0's node alone and every rank continues the same state;
     every rank raises the same error."""
     state, problem = None, None
-    if rank == 0 and path.is_file():
+    if (dist_info is None or dist_info.is_main) and path.is_file():
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which and why
@@ -481,18 +474,22 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--workers {args.workers}: must be 0 or more")
     if args.random_init and not args.arch:
         parser.error("--random-init needs --arch")
-    world = world_size_from_env()
-    if world > 1:  # under torchrun
-        if args.precompute:
-            parser.error(f"--precompute runs in one process, not on {world} ranks: drop it (the faithful path shares "
-                         "its work among the ranks), or run without torchrun")
-        if args.batch_size % world:
-            parser.error(f"--batch-size {args.batch_size} is the total over the {world} ranks and must be a "
-                         f"multiple of it: pass for example {max(world, args.batch_size // world * world)}")
-        if args.device not in (None, "cuda", "cpu"):
-            parser.error(f"--device {args.device}: under torchrun each rank takes the GPU of its LOCAL_RANK; pass "
-                         "--device cuda or cpu, or leave it out")
+    problem = (_ranks_problem(world_size_from_env(), args.precompute, args.batch_size)
+               or torchrun_device_problem(args.device))
+    if problem:
+        parser.error(problem)
     return args
+
+
+def _ranks_problem(world: int, precompute: bool, batch_size: int) -> str | None:
+    """Why the evaluation cannot run on ``world`` ranks (torchrun) as asked; None when it can."""
+    if world > 1 and precompute:
+        return (f"--precompute runs in one process, not on {world} ranks: drop it (the faithful path shares its work "
+                "among the ranks), or run without torchrun")
+    if batch_size % world:
+        return (f"--batch-size {batch_size} is the total over the {world} ranks and must be a multiple of it: pass "
+                f"for example {max(world, batch_size // world * world)}")
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -502,11 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_classes(args.train, args.val)  # bad data fails before the trunk is loaded
         trunk, arch, kind = load_eval_trunk(None if args.random_init else args.trunk, args.arch, args.trust_pickle)
-        if world_size_from_env() > 1:  # torchrun: one rank per GPU (or CPU process), its device from LOCAL_RANK
-            dist_info = init_distributed(args.device or "auto")
-            device = dist_info.device
-        else:
-            device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dist_info, device = eval_device(args.device)
         main_rank = dist_info is None or dist_info.is_main
         mode = "precomputed test-view features (deviation)" if args.precompute else "faithful (augmented views)"
         ranks = f" on {dist_info.world_size} ranks" if dist_info else ""
@@ -528,11 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              report if main_rank else None, args.checkpoint, dist_info)
         elapsed = time.perf_counter() - start
     except (OSError, ValueError, DeviceError) as exc:  # a missing file, a full disk, a data or device mistake
-        rank = int(os.environ.get("RANK", "0"))  # also before the process group is joined
-        if rank == 0:
-            print(f"linear_eval: error: {exc}", file=sys.stderr)
-        elif not isinstance(exc, SharedError):  # perhaps this rank's alone (its node's files): said, with its rank
-            print(f"linear_eval: error (rank {rank}): {exc}", file=sys.stderr)
+        print_error("linear_eval", exc)
         return 2  # a usage or data mistake, as train.py's config errors and argparse's
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (and under torchrun, each rank's orderly exit)
         if int(os.environ.get("RANK", "0")) == 0:
