@@ -61,7 +61,10 @@ def cuda_index(local_rank: int, n_visible: int, local_world_size: int = 1, visib
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
-    """NCCL on CUDA, gloo on CPU; one CUDA device per local rank."""
+    """NCCL on CUDA, gloo on CPU; one CUDA device per local rank. ``device``: auto, cuda or cpu (a rank's GPU is
+    its LOCAL_RANK's, so a GPU index is refused rather than read as not-cuda)."""
+    if device not in ("auto", "cuda", "cpu"):
+        raise DeviceError(f"device {device!r}: pass auto, cuda or cpu (each rank takes the GPU of its LOCAL_RANK)")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise DeviceError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")

@@ -549,3 +549,11 @@ def test_cuda_index_of_a_local_rank():
         cuda_index(1, 1, 4, None)  # torchrun --nproc_per_node=4 on a machine with one GPU
     with pytest.raises(RuntimeError, match=r"LOCAL_RANK 4, but this process sees 4 GPUs.*--nproc_per_node=4"):
         cuda_index(4, 4)
+
+
+def test_init_distributed_refuses_a_device_it_would_misread():
+    # "cuda:1" is not "cuda": without the check it would have meant the CPU and gloo
+    from swav_fast.distributed import DeviceError, init_distributed
+
+    with pytest.raises(DeviceError, match=r"device 'cuda:1': pass auto, cuda or cpu"):
+        init_distributed("cuda:1")
