@@ -175,7 +175,7 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     # ============================== setup ==============================
     try:
         cfg = parse_config(argv, world_size_from_env())
-        info = init_distributed(cfg.device)
+        info = init_distributed(cfg.device, cfg.dist_timeout_minutes)
     except (ConfigError, DeviceError) as e:  # before any process group: each process says it
         console.print(f"[bold red]config error:[/] {e}", highlight=False)
         return 2

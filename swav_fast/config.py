@@ -114,6 +114,10 @@ class Config:
     stop_after_epoch: int = _f(0, "leave after this epoch with a checkpoint written (0: run to the end)",
                                per_invocation=True)
     device: str = _f("auto", "auto: cuda when available, else cpu", choices=("auto", "cuda", "cpu"))
+    dist_timeout_minutes: float = _f(0.0, "with several ranks: how long a rank waits for the others in one "
+                                     "collective before the run stops with a timeout error (0: torch's defaults, 10 "
+                                     "minutes with NCCL, 30 with gloo); raise it where ranks may start minutes apart "
+                                     "(a cold network file system)")
 
     # Derived at runtime, not options.
     @property
@@ -243,7 +247,8 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     if cfg.warmup_epochs > cfg.epochs:
         raise bad("warmup_epochs", f"is longer than the run (--epochs {cfg.epochs})")
     for name in ("base_lr", "final_lr", "start_warmup", "wd", "lars_trust", "momentum", "blur_prob",
-                 "color_jitter_strength", "checkpoint_every_minutes", "collapse_margin"):
+                 "color_jitter_strength", "checkpoint_every_minutes", "collapse_margin",
+                 "dist_timeout_minutes"):
         v = getattr(cfg, name)
         if not (math.isfinite(v) and v >= 0):
             raise bad(name, "must be a finite number >= 0")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import inspect
 import logging
 import os
@@ -23,6 +24,7 @@ class DistInfo:
     local_rank: int
     device: torch.device
     control: dist.ProcessGroup | None = None  # a gloo group for host-side decisions (see init_distributed)
+    timeout: datetime.timedelta | None = None  # of every group this run makes (None: torch's defaults)
 
     @property
     def is_main(self) -> bool:
@@ -60,11 +62,17 @@ def cuda_index(local_rank: int, n_visible: int, local_world_size: int = 1, visib
     return local_rank
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
+def init_distributed(device: str = "auto", timeout_minutes: float = 0.0) -> DistInfo:
     """NCCL on CUDA, gloo on CPU; one CUDA device per local rank. ``device``: auto, cuda or cpu (a rank's GPU is
-    its LOCAL_RANK's, so a GPU index is refused rather than read as not-cuda)."""
+    its LOCAL_RANK's, so a GPU index is refused rather than read as not-cuda). ``timeout_minutes``: how long a rank
+    waits for the others in one collective before it fails with a timeout, for the main group and the gloo control
+    group alike (0: torch's defaults, 10 minutes for NCCL and 30 for gloo)."""
     if device not in ("auto", "cuda", "cpu"):
         raise DeviceError(f"device {device!r}: pass auto, cuda or cpu (each rank takes the GPU of its LOCAL_RANK)")
+    if not (timeout_minutes >= 0 and timeout_minutes < float("inf")):
+        raise DeviceError(f"distributed timeout {timeout_minutes!r} minutes: pass a finite number >= 0 (0: torch's "
+                          "defaults)")
+    timeout = datetime.timedelta(minutes=timeout_minutes) if timeout_minutes > 0 else None
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise DeviceError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
@@ -80,13 +88,14 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if world > 1:
         global _joined_a_group
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+            dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None,
+                                    timeout=timeout)
         _joined_a_group = True
         # Decisions the ranks take together (stop on a signal, a timed checkpoint) are host values: agreeing on
         # them through NCCL would put the collective on the GPU stream and make the host wait for every step
         # queued before it. A gloo group of host tensors agrees without touching the GPU.
-        control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
-    return DistInfo(rank, world, local, dev, control)
+        control = dist.new_group(backend="gloo", timeout=timeout) if dist.get_backend() != "gloo" else dist.group.WORLD
+    return DistInfo(rank, world, local, dev, control, timeout)
 
 
 def exit_process(code: int) -> NoReturn:
@@ -236,7 +245,8 @@ def syncbn_group(info: DistInfo, group_size: int = 0) -> dist.ProcessGroup | Non
     torch.distributed asks; call it once per run (each call makes new communicators)."""
     if not group_size:
         return None
-    groups = [dist.new_group(list(range(s, s + group_size))) for s in range(0, info.world_size, group_size)]
+    groups = [dist.new_group(list(range(s, s + group_size)), timeout=info.timeout)
+              for s in range(0, info.world_size, group_size)]
     return groups[info.rank // group_size]
 
 

@@ -167,6 +167,8 @@ def test_unknown_preset_names_closest():
     (["--base_lr", "0.0006", "--final_lr", "0.6"], 1, "final_lr"),  # swapped: the cosine would climb
     (["--preset", "bs256_200ep", "--base_lr", "0.0005"], 1, "final_lr"),  # under the preset's final_lr 0.0006
     (["--wd", "inf"], 1, "wd"),
+    (["--dist_timeout_minutes", "inf"], 2, "dist_timeout_minutes"),
+    (["--dist_timeout_minutes=-5"], 2, "dist_timeout_minutes"),
     (["--blur_prob", "1.5"], 1, "blur_prob"),
     (["--warmup_epochs", "11", "--epochs", "10"], 1, "warmup_epochs"),
     (["--freeze_prototypes_niters=-1"], 1, "freeze_prototypes_niters"),

@@ -557,3 +557,40 @@ def test_init_distributed_refuses_a_device_it_would_misread():
 
     with pytest.raises(DeviceError, match=r"device 'cuda:1': pass auto, cuda or cpu"):
         init_distributed("cuda:1")
+
+
+DIST_TIMEOUT_SCRIPT = """
+import os, sys, time
+import torch
+import torch.distributed as dist
+from swav_fast.distributed import init_distributed, shutdown, syncbn_group, exit_now
+
+info = init_distributed("cpu", float(sys.argv[1]))
+group = syncbn_group(info, 2)  # a group made after the start: it must carry the timeout too
+if info.rank == 1:
+    time.sleep(15)  # takes part in nothing: rank 0 waits for it
+else:
+    for name, g in (("world", None), ("syncbn", group)):
+        start = time.monotonic()
+        try:
+            dist.all_reduce(torch.ones(1), group=g)
+            print(f"{name}: no error", flush=True)
+        except Exception as e:
+            print(f"{name}: {type(e).__name__} after {time.monotonic() - start:.1f} s: {str(e)[:200]}", flush=True)
+exit_now(0)
+"""
+
+
+def test_dist_timeout_applies_to_every_group(tmp_path):
+    # --dist_timeout_minutes reaches the world group and the groups made after it (SyncBN's); with torch's default
+    # (30 minutes with gloo) rank 0 would wait until rank 1 leaves, 15 s later, and fail on the closed connection
+    script = tmp_path / "timeout_probe.py"
+    script.write_text(DIST_TIMEOUT_SCRIPT)
+    repo = str(Path(__file__).resolve().parents[1])
+    result = run_torchrun([str(script), "0.05"], timeout=120, env={"PYTHONPATH": repo})
+    lines = {line.split(":")[0]: line for line in result.stdout.splitlines() if ": " in line}
+    for name in ("world", "syncbn"):
+        found = re.search(r"after ([\d.]+) s: (.*)", lines.get(name, ""))
+        assert found, result.stdout + result.stderr
+        assert float(found.group(1)) < 10, lines[name]
+        assert "timed out" in found.group(2).lower() or "timeout" in found.group(2).lower(), lines[name]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -290,11 +291,28 @@ def torchrun_device_problem(device: str | None) -> str | None:
     return None
 
 
-def eval_device(device: str | None) -> tuple[DistInfo | None, torch.device]:
+def add_dist_timeout_argument(parser: argparse.ArgumentParser) -> None:
+    """--dist-timeout MINUTES, as train.py's --dist_timeout_minutes (0: torch's defaults)."""
+
+    def minutes(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (math.isfinite(value) and value >= 0):
+            raise argparse.ArgumentTypeError(f"{text!r}: give a number of minutes >= 0 (0: torch's defaults)")
+        return value
+
+    parser.add_argument("--dist-timeout", type=minutes, default=0.0, metavar="MINUTES",
+                        help="under torchrun: how long a rank waits for the others in one collective before it "
+                             "stops with a timeout error (default 0: torch's, 10 minutes with NCCL, 30 with gloo)")
+
+
+def eval_device(device: str | None, timeout_minutes: float = 0.0) -> tuple[DistInfo | None, torch.device]:
     """(the process group joined, this rank's device) under torchrun, one rank per GPU (or CPU process); else
-    (None, ``--device``, or cuda when there is one)."""
+    (None, ``--device``, or cuda when there is one). ``timeout_minutes``: see init_distributed."""
     if world_size_from_env() > 1:
-        dist_info = init_distributed(device or "auto")
+        dist_info = init_distributed(device or "auto", timeout_minutes)
         return dist_info, dist_info.device
     return None, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -559,6 +577,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    add_dist_timeout_argument(parser)
     args = parser.parse_args(argv)
     for name in ("k", "draws", "batch_size", "size"):
         if getattr(args, name) < 1:
@@ -616,7 +635,7 @@ def _evaluate_and_report(args: argparse.Namespace, console: Console, joined: lis
         models.append(("random init", None, load_eval_trunk(None, arch)[0]))
     if args.few_labels:
         check_few_labels(args.train, args.few_labels)  # before the slow feature passes as well
-    dist_info, device = eval_device(args.device)
+    dist_info, device = eval_device(args.device, args.dist_timeout)
     if dist_info is not None:
         joined.append(dist_info)
 

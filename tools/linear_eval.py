@@ -86,6 +86,7 @@ from tools.knn_eval import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
     SharedError,
+    add_dist_timeout_argument,
     check_classes,
     compute_features,
     eval_dataset,
@@ -448,6 +449,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=1, help="evaluate on --val every N epochs (and at the end)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    add_dist_timeout_argument(parser)
     parser.add_argument("--seed", type=int, default=31, help="classifier init and shuffling (default 31)")
     parser.add_argument("--json", type=Path, help="write settings, final figures and history to this JSON file")
     parser.add_argument("--checkpoint", type=Path,
@@ -499,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_classes(args.train, args.val)  # bad data fails before the trunk is loaded
         trunk, arch, kind = load_eval_trunk(None if args.random_init else args.trunk, args.arch, args.trust_pickle)
-        dist_info, device = eval_device(args.device)
+        dist_info, device = eval_device(args.device, args.dist_timeout)
         main_rank = dist_info is None or dist_info.is_main
         mode = "precomputed test-view features (deviation)" if args.precompute else "faithful (augmented views)"
         ranks = f" on {dist_info.world_size} ranks" if dist_info else ""
