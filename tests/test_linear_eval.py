@@ -589,10 +589,12 @@ def test_checkpoint_of_an_older_linear_eval_is_named(tmp_path, digits_dir, val_d
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by tools/gpu_suite.sh)")
-def test_linear_eval_on_cuda_matches_cpu(digits_dir, val_dir, monkeypatch):
-    # pinned batches, the device-side sums and the device-side top-k counts on a GPU give the CPU's figures
+@pytest.mark.parametrize("precompute", [False, True], ids=["faithful", "precompute"])
+def test_linear_eval_on_cuda_matches_cpu(digits_dir, val_dir, monkeypatch, precompute):
+    # pinned batches, the device-side sums and the device-side top-k counts on a GPU give the CPU's figures;
+    # --precompute's features held on the GPU and gathered there in the CPU's order as well
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 convolutions, as on the CPU
-    kw = {"size": 32, "epochs": 2, "batch_size": 32, "lr": 0.01, "workers": 2}
+    kw = {"size": 32, "epochs": 2, "batch_size": 32, "lr": 0.01, "workers": 2, "precompute": precompute}
     cpu = linear_eval(load_eval_trunk(None, "resnet18")[0], digits_dir, val_dir, device="cpu", **kw)
     gpu = linear_eval(load_eval_trunk(None, "resnet18")[0], digits_dir, val_dir, device="cuda", **kw)
     for a, b in zip(gpu["history"], cpu["history"], strict=True):
@@ -635,3 +637,21 @@ def test_dist_timeout_reaches_the_process_group(monkeypatch, capsys, digits_dir,
     assert main(argv + ["--dist-timeout", "2.5"]) == 2
     assert asked == [("cpu", 2.5)]
     assert "probe: no group joined" in capsys.readouterr().err
+
+
+def test_precomputed_features_go_to_the_device_once_or_stay_on_the_host(monkeypatch):
+    from tools.linear_eval import _on_device
+
+    feats, labels = torch.randn(10, 4), torch.arange(10)
+    assert _on_device(feats, labels, torch.device("cpu"))[0] is feats
+    moved = _on_device(feats, labels, torch.device("meta"))  # stands in for a GPU
+    assert [t.device.type for t in moved] == ["meta", "meta"]
+    said = []
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 10.00 GiB")
+
+    monkeypatch.setattr(torch.Tensor, "to", out_of_memory)
+    kept = _on_device(feats, labels, torch.device("meta"), said.append)
+    assert kept[0] is feats and kept[1] is labels
+    assert len(said) == 1 and "do not fit on meta; they stay on the host" in said[0]

@@ -153,6 +153,22 @@ def _frozen_features(trunk: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return trunk(images).float().flatten(1)
 
 
+def _on_device(feats: torch.Tensor, labels: torch.Tensor, device: torch.device,
+               say=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """--precompute's training features moved to ``device`` once (ImageNet's are 10 GB in fp32), so an epoch's
+    batches are gathered there instead of indexed on the host and copied from pageable memory one by one; where
+    they do not fit they stay on the host, and ``say`` is told."""
+    if device.type == "cpu" or feats.device == device:
+        return feats, labels
+    try:
+        return feats.to(device), labels.to(device)
+    except torch.OutOfMemoryError:
+        if say:
+            say(f"note: the {feats.numel() * feats.element_size() / 2**30:.1f} GiB of precomputed training features "
+                f"do not fit on {device}; they stay on the host (each batch copied over)")
+        return feats, labels
+
+
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[int]:
     """How many rows have their target among the k highest logits, for each k (k clipped to the class count)."""
     top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
@@ -274,6 +290,8 @@ def linear_eval(
                 trunk, torch.utils.data.DataLoader(train_set, batch_size=batch_size, num_workers=workers,
                                                    pin_memory=pin),
                 device, progress, "train features (test view)")
+            train_feats, train_labels = _on_device(train_feats, train_labels, device,
+                                                   progress.console.print if main_rank else None)
         num_features = val_feats.shape[1]
 
         torch.manual_seed(seed)
@@ -308,7 +326,7 @@ def linear_eval(
             totals = torch.zeros(3, dtype=torch.float64, device=device)
             seen = 0
             if precompute:
-                order = torch.randperm(len(train_feats), generator=generator)
+                order = torch.randperm(len(train_feats), generator=generator).to(train_feats.device)
                 batches = ((train_feats[idx], train_labels[idx]) for idx in order.split(batch_size))
                 batch_task = None
             else:
