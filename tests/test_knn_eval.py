@@ -532,3 +532,25 @@ def test_dist_timeout_reaches_the_process_group(monkeypatch, capsys, digits_dir)
     with pytest.raises(SystemExit):
         main(argv + ["--dist-timeout", "-1"])
     assert "--dist-timeout: '-1': give a number of minutes >= 0" in capsys.readouterr().err
+
+
+def test_cli_lists_each_folder_once_for_every_trunk(tmp_path: Path, monkeypatch, capsys):
+    # --few-labels and two trunks used to list the train folder three times and the val folder twice
+    train = make_folder(tmp_path / "train", {"a": 4, "b": 3}, seed=0)
+    val = make_folder(tmp_path / "val", {"a": 2, "b": 2}, seed=1)
+    listed = []
+    real = knn_eval.eval_dataset
+
+    def counted(path, *args, **kwargs):
+        listed.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(knn_eval, "eval_dataset", counted)
+    trunk = tmp_path / "trunk_resnet18.pth"
+    torch.save({k: v for k, v in torchvision.models.resnet18().state_dict().items() if k[:3] != "fc."}, trunk)
+    argv = ["--trunk", str(trunk), "--train", str(train), "--val", str(val), "--size", "32", "--few-labels", "2",
+            "--draws", "2", "--k", "3", "--compare-random-init", "--json", str(tmp_path / "knn.json")]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert sorted(listed) == ["train", "val"]
+    rows = json.loads((tmp_path / "knn.json").read_text())
+    assert len(rows["results"]) == 2, rows

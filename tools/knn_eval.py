@@ -348,13 +348,14 @@ def extract_features(
     workers: int = 0,
     device: str | torch.device = "cpu",
     dist_info: DistInfo | None = None,
+    dataset: torch.utils.data.Dataset | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
     """Features of every image in an ImageFolder or .beton: (float32 [N, D] L2-normalised rows, int64 [N] labels).
 
     With ``dist_info`` of several ranks, each rank computes the features of its share (images rank, rank + W, ...)
     and rank 0 receives them all, in the dataset's order, as one process would have them; the other ranks get
-    (None, None)."""
-    dataset = eval_dataset(folder, size)
+    (None, None). ``dataset``: eval_dataset(folder, size) made already (a folder listed once for several trunks)."""
+    dataset = eval_dataset(folder, size) if dataset is None else dataset
     world, rank = (dist_info.world_size, dist_info.rank) if dist_info is not None else (1, 0)
     part = rank_share(dataset, dist_info, str(folder))
     loader = torch.utils.data.DataLoader(
@@ -478,12 +479,13 @@ def few_label_bank(labels: torch.Tensor | np.ndarray, per_class: int, rng: np.ra
     return np.sort(np.concatenate(chosen))
 
 
-def check_few_labels(train: str | Path, per_class: int) -> None:
+def check_few_labels(train: str | Path, per_class: int, data=None) -> None:
     """ValueError naming ``--few-labels`` when a class of the ``--train`` data has fewer than ``per_class`` images.
 
-    Reads only the labels (a folder scan, or a .beton's metadata), so it runs before any feature is computed.
+    Reads only the labels (a folder scan, or a .beton's metadata; none with ``data``, the eval_dataset of
+    ``train`` made already), so it runs before any feature is computed.
     """
-    data = eval_dataset(train, 224, "--train")
+    data = eval_dataset(train, 224, "--train") if data is None else data
     counts = np.bincount(np.asarray(data.targets, dtype=np.int64))
     present = np.flatnonzero(counts)  # few_label_bank draws from the classes that have images
     if not len(present):
@@ -633,8 +635,10 @@ def _evaluate_and_report(args: argparse.Namespace, console: Console, joined: lis
         models.append((args.baseline_name, args.baseline, model))
     if args.compare_random_init:
         models.append(("random init", None, load_eval_trunk(None, arch)[0]))
+    # each listed once (an ImageNet folder scan takes a while), for every trunk
+    train_set, val_set = eval_dataset(args.train, args.size, "--train"), eval_dataset(args.val, args.size, "--val")
     if args.few_labels:
-        check_few_labels(args.train, args.few_labels)  # before the slow feature passes as well
+        check_few_labels(args.train, args.few_labels, train_set)  # before the slow feature passes as well
     dist_info, device = eval_device(args.device, args.dist_timeout)
     if dist_info is not None:
         joined.append(dist_info)
@@ -642,10 +646,10 @@ def _evaluate_and_report(args: argparse.Namespace, console: Console, joined: lis
     results = {}
     for name, path, model in models:
         train_feats, train_labels = extract_features(
-            model, args.train, args.size, args.batch_size, args.workers, device, dist_info
+            model, args.train, args.size, args.batch_size, args.workers, device, dist_info, train_set
         )
         val_feats, val_labels = extract_features(
-            model, args.val, args.size, args.batch_size, args.workers, device, dist_info
+            model, args.val, args.size, args.batch_size, args.workers, device, dist_info, val_set
         )
         if not main_rank:
             continue  # rank 0 has every feature and does the rest
