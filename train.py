@@ -567,6 +567,11 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     losses = guards.LossLog(cfg.log_every, info.device)
     last_ckpt_time, stop_now, trained = time.monotonic(), False, False
     first_step_s = None  # the wall time of this launch's first step (compiling, warming up, the loader's start)
+    # torch.compile specialises the step on the queue's existence, the queue's use and the freeze window, so in
+    # compile mode the step where one of them changes compiles again (minutes on a GPU): such steps are left out
+    # of the rates and the ETA, as the first step is
+    last_phase = None
+    left_out_s = 0.0  # seconds of recompiling steps in the current loss window
     # A non-finite loss is kept here until the ranks agree (each checks only its own losses, and one rank may see
     # it a window before the others); then every rank stops together, none left waiting in a collective.
     non_finite: list[guards.NonFiniteLoss] = []
@@ -593,7 +598,7 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
             log(f"[bold yellow]warning:[/] {warning}", highlight=False)
             write_metrics({"event": "collapse_warning", "iteration": w["iteration"], "message": warning})
         mean = sum(values) / len(values)
-        sps, eta = w["sps"], w["eta"]  # None in a window of this launch's first step alone
+        sps, eta = w["sps"], w["eta"]  # None in a window of steps left out of the rates alone
         progress.update(w["task"], loss=f"{mean:.4f}", lr=f"{w['lr']:.4g}", sps="-" if sps is None else f"{sps:.0f}")
         write_metrics({"epoch": w["epoch"], "iteration": w["iteration"], "loss": mean, "loss_last": values[-1],
                        "lr": w["lr"], **({} if sps is None else {"samples_per_s": round(sps, 2)})})
@@ -604,17 +609,18 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
 
     def close_window(epoch: int, step: int, task, lr: float, flush: bool) -> None:
         """End the loss window at `step` (0-based, just run); report the windows whose values reached the host."""
-        nonlocal t_log, n_log
+        nonlocal t_log, n_log, left_out_s
         window = None
         if len(losses):
             # host clock: between two windows it measures how fast steps are queued, which the bounded queues
             # (data staging, the wait for the window before) tie to the device's pace. Rates and ETA leave out
             # this launch's first step (torch.compile, cuDNN's benchmarks, the loader's first batch).
             now = time.perf_counter()
-            sps = n_log * global_batch / (now - t_log) if n_log else None
-            t_log, n_log = now, 0
-            timed = step + 1 - timed_from
-            eta = (now - t_rate) / timed * (steps_per_epoch * (last_epoch - epoch) - step - 1) if timed else None
+            sps = n_log * global_batch / (now - t_log - left_out_s) if n_log else None
+            t_log, n_log, left_out_s = now, 0, 0.0
+            timed = step + 1 - timed_from - len(recompiled)
+            eta = ((now - t_rate - sum(recompiled)) / timed * (steps_per_epoch * (last_epoch - epoch) - step - 1)
+                   if timed > 0 else None)
             window = {"epoch": epoch, "step": step + 1, "iteration": iteration, "lr": lr, "sps": sps, "eta": eta,
                       "task": task}
         for values, w in losses.close_window(window, flush=flush):
@@ -635,13 +641,20 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                 model.train()
                 t_epoch = t_log = t_rate = time.perf_counter()
                 n_log = skipped = 0
+                left_out_s = 0.0
                 timed_from = first_step  # the first step the rates count
+                recompiled: list[float] = []  # the seconds of this epoch's recompiling steps (compile mode)
                 for step, batch in enumerate(loader, start=first_step):
                     # the schedule's iteration, as the official loop counts it (epoch * len(loader) + step); equal to
                     # `iteration` (the run's step counter, which names the checkpoints) unless a resume changed the
                     # number of steps per epoch
                     position = epoch * steps_per_epoch + step
                     lr = float(lrs[position])
+                    phase = (queue is not None, queue is not None and queue.in_use,
+                             position < cfg.freeze_prototypes_niters)
+                    recompiles = cfg.step_mode == "compile" and last_phase is not None and phase != last_phase
+                    last_phase = phase
+                    t_step = time.perf_counter()
                     crops = batch.crops if channels_last else [c.contiguous() for c in batch.crops]
                     loss = train_step(model, optimizer, crops, lr, position, cfg, queue, info.group, autocast,
                                       step_core, grad_group)
@@ -650,6 +663,9 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                     if first_step_s is None:  # this launch's first step: timed alone, not in the rates
                         t_log = t_rate = time.perf_counter()
                         first_step_s, timed_from = t_rate - t_epoch, step + 1
+                    elif recompiles:
+                        recompiled.append(time.perf_counter() - t_step)
+                        left_out_s += recompiled[-1]
                     else:
                         n_log += 1
                     skipped += len(batch.skipped)
@@ -678,8 +694,9 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                     break
                 epoch_end_time = time.perf_counter()
                 epoch_time = epoch_end_time - t_epoch
-                rate = ((steps_per_epoch - timed_from) * global_batch / (epoch_end_time - t_rate)
-                        if steps_per_epoch > timed_from else None)
+                n_timed = steps_per_epoch - timed_from - len(recompiled)
+                rate = (n_timed * global_batch / (epoch_end_time - t_rate - sum(recompiled))
+                        if n_timed > 0 else None)
                 mean_loss = epoch_loss_sum / max(1, steps_per_epoch)
                 if info.world_size > 1:  # unreadable images replaced this epoch, all ranks
                     n = torch.tensor(skipped, device=info.device)
@@ -695,6 +712,8 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                     f"{epoch_time:.1f} s" + ("" if rate is None else f", {rate:.0f} samples/s")
                     + (f" after the first step (which took {first_step_s:.1f} s)"
                        if rate is not None and timed_from > first_step else "")
+                    + (f", leaving out {len(recompiled)} step(s) that compiled the step again for a new phase "
+                       f"({sum(recompiled):.1f} s)" if rate is not None and recompiled else "")
                     + (", queue in use" if queue is not None and queue.in_use else "")
                     + (f", [yellow]{skipped} unreadable image(s) replaced (see the warnings)[/]" if skipped else ""),
                     highlight=False)

@@ -116,7 +116,7 @@ def test_our_step_has_no_host_sync_and_the_official_one_has_many():
     assert theirs.total > ours.total  # and it dispatches more ops (per-parameter LARC instead of foreach)
 
 
-def test_train_py_compile_mode_gives_the_eager_losses(digits_dir, tmp_path, monkeypatch):
+def test_train_py_compile_mode_gives_the_eager_losses(digits_dir, tmp_path, monkeypatch, capsys):
     import json
 
     import train
@@ -124,13 +124,21 @@ def test_train_py_compile_mode_gives_the_eager_losses(digits_dir, tmp_path, monk
 
     # the same wiring as --step_mode compile, with the quick backend (inductor's codegen takes minutes here)
     monkeypatch.setattr(train, "compiled_step_core", lambda: compiled_step_core(backend="aot_eager"))
-    losses = {}
+    losses, rates, said = {}, {}, {}
     for mode in ("eager", "compile"):
         assert run(digits_dir, tmp_path / mode, "--epochs", "1", "--warmup_epochs", "0", "--step_mode", mode) == 0
+        said[mode] = capsys.readouterr().err
         rows = [json.loads(line) for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
         losses[mode] = [r["loss"] for r in rows if "event" not in r]
+        rates[mode] = ["samples_per_s" in r for r in rows if "event" not in r]
     assert len(losses["eager"]) == 4
     torch.testing.assert_close(torch.tensor(losses["compile"]), torch.tensor(losses["eager"]), rtol=1e-5, atol=1e-6)
+    # One step per loss window. The queue (16 rows, 8 per step) comes into use at step 3 and the freeze window
+    # (3 iterations) ends at step 4: the compiled step compiles again at both, and those windows have no rate,
+    # as the first step's has none; eager mode times every step after the first.
+    assert rates == {"eager": [False, True, True, True], "compile": [False, True, False, False]}
+    assert "leaving out 2 step(s) that compiled the step again for a new phase" in said["compile"], said["compile"]
+    assert "compiled the step again" not in said["eager"]
 
 
 def test_profile_step_cli_prints_the_table(capsys, tmp_path):
