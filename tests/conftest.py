@@ -173,3 +173,22 @@ def view_z(a: dict, b: dict) -> float:
     """Largest |difference of means| / standard error over every statistic of two view_stats results."""
     return max(((a[s].mean(0) - b[s].mean(0)).abs() / torch.sqrt(a[s].var(0) / len(a[s]) + b[s].var(0) / len(b[s])))
                .max().item() for s in a)
+
+
+@pytest.fixture
+def joins_asked(monkeypatch) -> list[tuple]:
+    """The eval tools under WORLD_SIZE=2 with init_distributed replaced by a probe: each call's (device,
+    timeout_minutes) is appended to the returned list, then the probe fails as a device error, so main() stops
+    there with exit code 2 and the message "probe: no group joined"."""
+    from swav_fast.distributed import DeviceError
+    from tools import knn_eval
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    asked = []
+
+    def probe(device, timeout_minutes):
+        asked.append((device, timeout_minutes))
+        raise DeviceError("probe: no group joined")
+
+    monkeypatch.setattr(knn_eval, "init_distributed", probe)
+    return asked

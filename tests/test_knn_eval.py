@@ -510,24 +510,14 @@ def test_a_gpu_index_under_torchrun_is_refused(monkeypatch, capsys, tmp_path):
     assert "--device cuda:1: under torchrun each rank takes the GPU of its LOCAL_RANK" in capsys.readouterr().err
 
 
-def test_dist_timeout_reaches_the_process_group(monkeypatch, capsys, digits_dir):
-    from swav_fast.distributed import DeviceError
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    asked = []
-
-    def fake_init(device, timeout_minutes):
-        asked.append((device, timeout_minutes))
-        raise DeviceError("probe: no group joined")
-
-    monkeypatch.setattr(knn_eval, "init_distributed", fake_init)
+def test_dist_timeout_reaches_the_process_group(monkeypatch, capsys, digits_dir, joins_asked):
     argv = ["--trunk", "none", "--arch", "resnet18", "--train", str(digits_dir), "--val", str(digits_dir),
             "--few-labels", "0", "--device", "cpu"]
     trunk = knn_eval.load_eval_trunk(None, "resnet18")[0]
     monkeypatch.setattr(knn_eval, "load_eval_trunk", lambda *a, **k: (trunk, "resnet18", "probe"))
     assert main(argv + ["--dist-timeout", "45"]) == 2
     assert main(argv) == 2
-    assert asked == [("cpu", 45.0), ("cpu", 0.0)]
+    assert joins_asked == [("cpu", 45.0), ("cpu", 0.0)]
     assert "probe: no group joined" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(argv + ["--dist-timeout", "-1"])
