@@ -569,9 +569,8 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     first_step_s = None  # the wall time of this launch's first step (compiling, warming up, the loader's start)
     # torch.compile specialises the step on the queue's existence, the queue's use and the freeze window, so in
     # compile mode the step where one of them changes compiles again (minutes on a GPU): such steps are left out
-    # of the rates and the ETA, as the first step is
+    # of the rates and the ETA, as the first step is: the clocks they start from move on by such a step's time
     last_phase = None
-    left_out_s = 0.0  # seconds of recompiling steps in the current loss window
     # A non-finite loss is kept here until the ranks agree (each checks only its own losses, and one rank may see
     # it a window before the others); then every rank stops together, none left waiting in a collective.
     non_finite: list[guards.NonFiniteLoss] = []
@@ -609,18 +608,17 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
 
     def close_window(epoch: int, step: int, task, lr: float, flush: bool) -> None:
         """End the loss window at `step` (0-based, just run); report the windows whose values reached the host."""
-        nonlocal t_log, n_log, left_out_s
+        nonlocal t_log, n_log
         window = None
         if len(losses):
             # host clock: between two windows it measures how fast steps are queued, which the bounded queues
             # (data staging, the wait for the window before) tie to the device's pace. Rates and ETA leave out
             # this launch's first step (torch.compile, cuDNN's benchmarks, the loader's first batch).
             now = time.perf_counter()
-            sps = n_log * global_batch / (now - t_log - left_out_s) if n_log else None
-            t_log, n_log, left_out_s = now, 0, 0.0
+            sps = n_log * global_batch / (now - t_log) if n_log else None
+            t_log, n_log = now, 0
             timed = step + 1 - timed_from - len(recompiled)
-            eta = ((now - t_rate - sum(recompiled)) / timed * (steps_per_epoch * (last_epoch - epoch) - step - 1)
-                   if timed > 0 else None)
+            eta = (now - t_rate) / timed * (steps_per_epoch * (last_epoch - epoch) - step - 1) if timed else None
             window = {"epoch": epoch, "step": step + 1, "iteration": iteration, "lr": lr, "sps": sps, "eta": eta,
                       "task": task}
         for values, w in losses.close_window(window, flush=flush):
@@ -641,7 +639,6 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                 model.train()
                 t_epoch = t_log = t_rate = time.perf_counter()
                 n_log = skipped = 0
-                left_out_s = 0.0
                 timed_from = first_step  # the first step the rates count
                 recompiled: list[float] = []  # the seconds of this epoch's recompiling steps (compile mode)
                 for step, batch in enumerate(loader, start=first_step):
@@ -665,7 +662,8 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                         first_step_s, timed_from = t_rate - t_epoch, step + 1
                     elif recompiles:
                         recompiled.append(time.perf_counter() - t_step)
-                        left_out_s += recompiled[-1]
+                        t_log += recompiled[-1]
+                        t_rate += recompiled[-1]
                     else:
                         n_log += 1
                     skipped += len(batch.skipped)
@@ -695,8 +693,7 @@ def _main(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                 epoch_end_time = time.perf_counter()
                 epoch_time = epoch_end_time - t_epoch
                 n_timed = steps_per_epoch - timed_from - len(recompiled)
-                rate = (n_timed * global_batch / (epoch_end_time - t_rate - sum(recompiled))
-                        if n_timed > 0 else None)
+                rate = n_timed * global_batch / (epoch_end_time - t_rate) if n_timed > 0 else None
                 mean_loss = epoch_loss_sum / max(1, steps_per_epoch)
                 if info.world_size > 1:  # unreadable images replaced this epoch, all ranks
                     n = torch.tensor(skipped, device=info.device)
