@@ -479,13 +479,12 @@ def few_label_bank(labels: torch.Tensor | np.ndarray, per_class: int, rng: np.ra
     return np.sort(np.concatenate(chosen))
 
 
-def check_few_labels(train: str | Path, per_class: int, data=None) -> None:
-    """ValueError naming ``--few-labels`` when a class of the ``--train`` data has fewer than ``per_class`` images.
+def check_few_labels(train: str | Path, per_class: int, data) -> None:
+    """ValueError naming ``--few-labels`` when a class of the ``--train`` data (``data``: its eval_dataset) has
+    fewer than ``per_class`` images.
 
-    Reads only the labels (a folder scan, or a .beton's metadata; none with ``data``, the eval_dataset of
-    ``train`` made already), so it runs before any feature is computed.
+    Reads only the labels (listed with the dataset), so it runs before any feature is computed.
     """
-    data = eval_dataset(train, 224, "--train") if data is None else data
     counts = np.bincount(np.asarray(data.targets, dtype=np.int64))
     present = np.flatnonzero(counts)  # few_label_bank draws from the classes that have images
     if not len(present):
